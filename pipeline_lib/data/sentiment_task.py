@@ -1,0 +1,116 @@
+"""The embedded default task: controlled sentiment, after the DPO paper's IMDB experiment.
+
+The policy is asked for short reviews of many subjects; the goal is positive sentiment.
+The VADER lexicon (``vadersentiment``, shipped in its wheel) is the oracle: it stands in
+for the human labeller when pairs are formed, and it judges evaluation. It is never
+used inside training: the reward model learns from its labels, as a reward model
+learns from human labels.
+
+* Prompts come from templates x subjects with a fixed seed. Held-out prompts use
+  subjects that no training prompt mentions.
+* ``sample`` pairs: draw several responses per prompt from the base model, score them
+  with the oracle, keep (best, worst) when their gap is at least the margin.
+* ``template`` pairs (tests): fixed positive and negative sentences, no model needed.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+
+TEMPLATES = (
+    "Write a one-sentence review of {subject}.",
+    "In one sentence, what did you think of {subject}?",
+    "Give a short opinion of {subject}.",
+    "Describe your experience with {subject} in one sentence.",
+    "Write a brief review of {subject} for a friend.",
+    "Tell me in a sentence how you found {subject}.",
+)
+KINDS = ("the movie", "the novel", "the restaurant", "the album", "the video game", "the hotel", "the museum", "the TV series")
+NAME_FIRST = (
+    "Silent", "Golden", "Broken", "Hidden", "Crimson", "Northern", "Electric", "Last", "Wandering", "Paper",
+    "Midnight", "Velvet", "Iron", "Quiet", "Distant", "Burning", "Frozen", "Secret", "Little", "Painted",
+)
+NAME_SECOND = (
+    "Harbor", "Garden", "Empire", "River", "Lantern", "Forest", "Station", "Kingdom", "Window", "Orchard",
+    "Mountain", "Bridge", "Circus", "Island", "Letter", "Machine", "Meadow", "Tower", "Voyage", "Kitchen",
+)
+POSITIVE = (
+    "I loved {subject}; it was wonderful, warm and a real delight.",
+    "{subject} was excellent, beautiful and great fun from start to finish.",
+    "What a joy: {subject} is brilliant and I happily recommend it.",
+)
+NEGATIVE = (
+    "I hated {subject}; it was awful, dull and a waste of time.",
+    "{subject} was terrible, boring and painfully bad.",
+    "What a mess: {subject} is dreadful and I regret it.",
+)
+
+
+def _all_subjects(seed: int) -> list[str]:
+    subjects = [f"{kind} '{first} {second}'" for kind in KINDS for first in NAME_FIRST for second in NAME_SECOND]
+    random.Random(seed).shuffle(subjects)
+    return subjects
+
+
+def build_prompts(num_train: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """Training and held-out prompts over disjoint subjects."""
+    subjects = _all_subjects(seed)
+    if num_train + num_eval > len(subjects):
+        raise ValueError(f"the embedded task has {len(subjects)} subjects; asked for {num_train + num_eval}")
+    rng = random.Random(seed + 1)
+    eval_subjects = subjects[:num_eval]
+    train_subjects = subjects[num_eval : num_eval + num_train]
+
+    def prompts_for(items: list[str]) -> list[str]:
+        return [rng.choice(TEMPLATES).format(subject=subject) for subject in items]
+
+    return prompts_for(train_subjects), prompts_for(eval_subjects)
+
+
+def subject_of(prompt: str) -> str:
+    start = prompt.find("the ")
+    end = prompt.rfind("'")
+    return prompt[start : end + 1] if start >= 0 and end > start else prompt
+
+
+def template_pairs(prompts: list[str], seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    pairs = []
+    for prompt in prompts:
+        subject = subject_of(prompt)
+        chosen = rng.choice(POSITIVE).format(subject=subject)
+        rejected = rng.choice(NEGATIVE).format(subject=subject)
+        pairs.append({"prompt": prompt, "chosen": chosen[0].upper() + chosen[1:], "rejected": rejected[0].upper() + rejected[1:]})
+    return pairs
+
+
+def corpus(seed: int = 0) -> list[str]:
+    """Text to train the tiny test tokenizer on: every template, subject and canned review."""
+    subjects = _all_subjects(seed)
+    lines = [template.format(subject=s) for template in TEMPLATES for s in subjects[:40]]
+    lines += [sentence.format(subject=s) for sentence in POSITIVE + NEGATIVE for s in subjects[:40]]
+    return lines
+
+
+@lru_cache(maxsize=1)
+def _analyzer():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+def oracle_score(text: str) -> float:
+    """VADER compound sentiment in [-1, 1]."""
+    return float(_analyzer().polarity_scores(text)["compound"])
+
+
+def rank_samples(prompt: str, samples: list[str], margin: float) -> dict[str, object] | None:
+    """The (best, worst) pair of samples by oracle score, if they differ by at least ``margin``."""
+    scored = sorted(((oracle_score(text), text) for text in samples if text.strip()), reverse=True)
+    if len(scored) < 2:
+        return None
+    (best_score, best), (worst_score, worst) = scored[0], scored[-1]
+    if best_score - worst_score < margin or best.strip() == worst.strip():
+        return None
+    return {"prompt": prompt, "chosen": best, "rejected": worst, "chosen_score": best_score, "rejected_score": worst_score}

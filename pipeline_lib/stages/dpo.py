@@ -1,0 +1,61 @@
+"""Direct Preference Optimization with TRL's ``DPOTrainer``.
+
+Inputs: the SFT model directory (policy start and frozen reference, as in the DPO
+paper) and data prep's ``pairs_train.jsonl`` (prompt, chosen, rejected). Only the top
+``dpo.top_k`` decoder layers of the policy train; ``dpo.beta`` sets how far it may move
+from the reference.
+Output: a HF-format causal LM, plus the final reward margins/accuracies TRL logs.
+
+Run alone: call ``run(config, sft_dir, data_dir, out_dir)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.config import PipelineConfig
+from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
+from pipeline_lib.stages import training
+from pipeline_lib.stages.data_prep import read_jsonl
+from pipeline_lib.stages.reward import conversational_pairs
+
+
+def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from trl import DPOConfig, DPOTrainer
+
+    # --- setup
+    section = config.dpo
+    training.seed_everything(config.seed)
+    # --- data
+    train_dataset = conversational_pairs(read_jsonl(Path(data_dir) / "pairs_train.jsonl"))
+    # --- models: the policy trains, the reference is a second frozen copy of SFT
+    tokenizer = load_tokenizer(sft_model_dir)
+    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
+    reference = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
+    parameter_counts = freeze_all_but_top_k(policy, section.top_k)
+    # --- train
+    args = DPOConfig(
+        **training.trainer_args("dpo", config, section, out_dir),
+        beta=section.beta,
+        loss_type=[section.loss_type],
+        max_length=section.max_length,
+        eval_strategy="no",
+    )
+    trainer = DPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=train_dataset, processing_class=tokenizer
+    )
+    train_metrics = training.train_resumable("dpo", trainer, out_dir)
+    # --- save
+    history = training.write_loss_log(trainer, out_dir)
+    last = next((entry for entry in reversed(history) if "rewards/margins" in entry), {})
+    training.save_model(trainer.model, tokenizer, out_dir, "dpo", {"sft_model": str(sft_model_dir), "data": str(data_dir)})
+    return {
+        **parameter_counts,
+        "train_loss": train_metrics.get("train_loss"),
+        "final_reward_margin": last.get("rewards/margins"),
+        "final_reward_accuracy": last.get("rewards/accuracies"),
+        "logged_losses": len(history),
+        "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
+        "tracking_run_id": training.tracking.finish(),
+    }

@@ -1,0 +1,186 @@
+"""Evaluate every policy on held-out prompts, honestly, and write what lets anyone re-check it.
+
+Inputs: policy directories by name (``base``, ``sft``, ``dpo``, ``ppo``: whichever
+ran), the reward model directory and data prep's directory (held-out
+``prompts_eval.jsonl`` and ``reward_eval.jsonl``). Per policy:
+
+* mean reward-model score, and win rate against SFT judged by the reward model;
+* the oracle's mean (VADER) where the task has an oracle (the embedded task);
+* KL to SFT per response: log pi(y|x) - log pi_sft(y|x), y from the policy;
+* mean length in words and distinct-2;
+and the reward model's pairwise accuracy on held-out pairs.
+
+Outputs: ``eval.json`` (the figures), ``generations.jsonl`` (every prompt, policy,
+response and its scores), ``report.md`` (table and examples) and ``eval.png`` (oracle
+score against KL to SFT, and the distribution of oracle scores per policy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from pipeline_lib.config import PipelineConfig
+from pipeline_lib.data import sentiment_task
+from pipeline_lib.generation import generate_responses, response_logprobs, reward_scores
+from pipeline_lib.metrics import distinct_n, mean_words, pairwise_accuracy, sequence_kl, win_rate
+from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from pipeline_lib.stages.data_prep import read_jsonl, write_jsonl
+
+logger = logging.getLogger(__name__)
+POLICY_ORDER = ("base", "sft", "dpo", "ppo")
+
+
+def _has_oracle(data_dir: Path) -> bool:
+    card = json.loads((Path(data_dir) / "data_card.json").read_text())
+    return card.get("source") == "embedded:sentiment"
+
+
+def run(
+    config: PipelineConfig,
+    policies: dict[str, Path],
+    reward_model_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+) -> dict[str, Any]:
+    section = config.evaluate
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if "sft" not in policies:
+        raise ValueError("evaluate needs the SFT policy: it is the reference for KL and win rate")
+    prompts = [row["prompt"] for row in read_jsonl(Path(data_dir) / "prompts_eval.jsonl")]
+    if section.num_prompts:
+        prompts = prompts[: section.num_prompts]
+    with_oracle = _has_oracle(data_dir)
+    tokenizer = load_tokenizer(policies["sft"])
+    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
+    sft_model = load_causal_lm(policies["sft"])
+
+    # --- generate and score every policy
+    names = [name for name in POLICY_ORDER if name in policies]
+    per_policy: dict[str, dict[str, list]] = {}
+    for name in names:
+        model = sft_model if name == "sft" else load_causal_lm(policies[name])
+        responses = [
+            texts[0]
+            for texts in generate_responses(
+                model, tokenizer, prompts, section.max_new_tokens, section.temperature, 1, section.batch_size, config.seed
+            )
+        ]
+        logprobs = response_logprobs(model, tokenizer, prompts, responses, section.batch_size)
+        sft_logprobs = logprobs if name == "sft" else response_logprobs(sft_model, tokenizer, prompts, responses, section.batch_size)
+        per_policy[name] = {
+            "responses": responses,
+            "reward": reward_scores(reward_model, tokenizer, prompts, responses, section.batch_size),
+            "oracle": [sentiment_task.oracle_score(text) for text in responses] if with_oracle else [],
+            "kl": sequence_kl(logprobs, sft_logprobs),
+        }
+        logger.info("evaluate: %s done", name)
+
+    # --- aggregate
+    sft_rewards = per_policy["sft"]["reward"]
+    table: dict[str, dict[str, float | None]] = {}
+    for name, scores in per_policy.items():
+        table[name] = {
+            "reward_model_mean": fmean(scores["reward"]),
+            "win_rate_vs_sft": win_rate(scores["reward"], sft_rewards),
+            "oracle_mean": fmean(scores["oracle"]) if scores["oracle"] else None,
+            "kl_to_sft_mean": fmean(scores["kl"]),
+            "mean_length_words": mean_words(scores["responses"]),
+            "distinct_2": distinct_n(scores["responses"], 2),
+        }
+    pairs = read_jsonl(Path(data_dir) / "reward_eval.jsonl")
+    pair_prompts = [pair["prompt"] for pair in pairs]
+    reward_accuracy = pairwise_accuracy(
+        reward_scores(reward_model, tokenizer, pair_prompts, [p["chosen"] for p in pairs]),
+        reward_scores(reward_model, tokenizer, pair_prompts, [p["rejected"] for p in pairs]),
+    )
+    results = {
+        "policies": table,
+        "reward_model_pairwise_accuracy": reward_accuracy,
+        "held_out_prompts": len(prompts),
+        "held_out_pairs": len(pairs),
+        "oracle": "vader" if with_oracle else None,
+    }
+
+    # --- write
+    generations = [
+        {
+            "prompt": prompt,
+            "policy": name,
+            "response": scores["responses"][index],
+            "reward_model": scores["reward"][index],
+            "oracle": scores["oracle"][index] if scores["oracle"] else None,
+            "kl_to_sft": scores["kl"][index],
+        }
+        for name, scores in per_policy.items()
+        for index, prompt in enumerate(prompts)
+    ]
+    write_jsonl(out_dir / "generations.jsonl", generations)
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2))
+    plot = plot_oracle_vs_kl(per_policy, out_dir / "eval.png") if with_oracle else None
+    (out_dir / "report.md").write_text(render_report(results, per_policy, prompts, section.num_examples, plot))
+    return flatten_metrics(results)
+
+
+def flatten_metrics(results: dict[str, Any]) -> dict[str, float | None]:
+    flat: dict[str, float | None] = {"reward_model_pairwise_accuracy": results["reward_model_pairwise_accuracy"]}
+    for name, row in results["policies"].items():
+        flat.update({f"{name}/{metric}": value for metric, value in row.items()})
+    return flat
+
+
+def render_report(
+    results: dict[str, Any], per_policy: dict[str, dict[str, list]], prompts: list[str], num_examples: int, plot: str | None
+) -> str:
+    metrics = list(next(iter(results["policies"].values())).keys())
+
+    def cell(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = ["# Evaluation", "", f"Held-out prompts: {results['held_out_prompts']}. "
+             f"Reward model pairwise accuracy on {results['held_out_pairs']} held-out pairs: "
+             f"{results['reward_model_pairwise_accuracy']:.3f}.", ""]
+    lines.append("| policy | " + " | ".join(metrics) + " |")
+    lines.append("|---" * (len(metrics) + 1) + "|")
+    for name, row in results["policies"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(row[m]) for m in metrics) + " |")
+    if plot:
+        lines += ["", f"![oracle score against KL to SFT]({plot})"]
+    lines += ["", "## Examples (same held-out prompts for every policy)", ""]
+    for index, prompt in enumerate(prompts[:num_examples]):
+        lines.append(f"**Prompt:** {prompt}")
+        lines.append("")
+        for name, scores in per_policy.items():
+            oracle = f", oracle {scores['oracle'][index]:+.2f}" if scores["oracle"] else ""
+            response = scores["responses"][index].replace("\n", " ")
+            lines.append(f"- *{name}* (reward {scores['reward'][index]:+.2f}{oracle}): {response}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_oracle_vs_kl(per_policy: dict[str, dict[str, list]], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (frontier, spread) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(per_policy)
+    for name in names:
+        frontier.scatter(fmean(per_policy[name]["kl"]), fmean(per_policy[name]["oracle"]), s=60, label=name)
+        frontier.annotate(name, (fmean(per_policy[name]["kl"]), fmean(per_policy[name]["oracle"])), xytext=(4, 4), textcoords="offset points")
+    frontier.set_xlabel("mean KL to SFT per response (nats)")
+    frontier.set_ylabel("mean oracle score (VADER)")
+    frontier.set_title("Reward vs KL")
+    frontier.grid(alpha=0.3)
+    spread.boxplot([per_policy[name]["oracle"] for name in names], tick_labels=names)
+    spread.set_ylabel("oracle score per response")
+    spread.set_title("Oracle score distribution")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path.name

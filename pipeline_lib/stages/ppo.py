@@ -1,0 +1,94 @@
+"""Proximal Policy Optimization with TRL 1.12's experimental ``PPOTrainer``.
+
+Inputs: the SFT model directory (policy start and frozen reference), the reward model
+directory (the reward, and the start of the value model, as in TRL's PPO recipe) and
+data prep's ``prompts_train.jsonl``. Rollouts of ``ppo.response_length`` tokens are
+scored by the reward model, never by the oracle; ``ppo.kl_coef`` penalises drift from
+SFT.
+
+Departures: TRL removed PPO in 1.13; we pin 1.12.x. Upstream says PPO checkpoint resume
+does not work, so an interrupted PPO stage restarts from SFT (its checkpoints are not
+read back). Only the top ``ppo.top_k`` decoder layers of policy and value model train.
+
+Run alone: call ``run(config, sft_dir, reward_dir, data_dir, out_dir)``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.config import PipelineConfig
+from pipeline_lib.generation import chat_prompt_ids
+from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer
+from pipeline_lib.stages import training
+from pipeline_lib.stages.data_prep import read_jsonl
+
+
+def run(config: PipelineConfig, sft_model_dir: Path, reward_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    # --- setup
+    section = config.ppo
+    training.seed_everything(config.seed)
+    # Checkpoints cannot be resumed (see the docstring): start clean.
+    shutil.rmtree(Path(out_dir) / training.CHECKPOINT_DIR, ignore_errors=True)
+    # --- data: PPO takes tokenized prompts
+    tokenizer = load_tokenizer(sft_model_dir)
+    tokenizer.padding_side = "left"  # rollouts generate after the prompt
+    prompts = [row["prompt"] for row in read_jsonl(Path(data_dir) / "prompts_train.jsonl")]
+    train_dataset = Dataset.from_list([{"input_ids": chat_prompt_ids(tokenizer, p)} for p in prompts])
+    # --- models
+    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
+    reference = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
+    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
+    value_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
+    for parameter in reward_model.parameters():
+        parameter.requires_grad = False
+    parameter_counts = freeze_all_but_top_k(policy, section.top_k)
+    freeze_all_but_top_k(value_model, section.top_k)
+    # --- train
+    args = PPOConfig(
+        **training.trainer_args("ppo", config, section, out_dir),
+        total_episodes=section.total_episodes,
+        response_length=section.response_length,
+        kl_coef=section.kl_coef,
+        num_ppo_epochs=section.num_ppo_epochs,
+        num_mini_batches=section.num_mini_batches,
+        temperature=section.temperature,
+        missing_eos_penalty=section.missing_eos_penalty,
+        stop_token="eos",
+        num_sample_generations=0,
+        local_rollout_forward_batch_size=section.per_device_train_batch_size,
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward_model,
+        value_model=value_model,
+        train_dataset=train_dataset,
+    )
+    training.train_resumable("ppo", trainer, out_dir, resume=False)
+    # --- save: the policy only (TRL's save_model unwraps it from the value model)
+    history = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
+    training.write_loss_log(trainer, out_dir)
+    training.save_model(
+        trainer.model.policy, tokenizer, out_dir, "ppo",
+        {"sft_model": str(sft_model_dir), "reward_model": str(reward_model_dir), "data": str(data_dir)},
+    )
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    return {
+        **parameter_counts,
+        "first_reward_model_score": first.get("objective/scores"),
+        "final_reward_model_score": last.get("objective/scores"),
+        "final_kl": last.get("objective/kl"),
+        "logged_losses": len(history),
+        "resumed_from_checkpoint": False,
+        "tracking_run_id": training.tracking.finish(),
+    }

@@ -1,0 +1,87 @@
+"""Reward model with TRL's ``RewardTrainer``, scored by its own pairwise accuracy.
+
+Inputs: the SFT model directory (the reward model starts from it, with a scalar
+``score`` head) and data prep's ``reward_train.jsonl``/``reward_eval.jsonl``
+(prompt, chosen, rejected). Trained on the Bradley-Terry pairwise loss; only the top
+``reward.top_k`` decoder layers and the head train.
+Output: a HF-format sequence-classification model and ``pairwise_accuracy``: the share
+of held-out pairs where r(chosen) > r(rejected), computed here on the saved model
+rather than taken from the trainer's running average.
+
+Run alone: ``python -m pipeline_lib.stages.reward`` is not provided; call ``run``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.config import PipelineConfig
+from pipeline_lib.generation import reward_scores
+from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores
+from pipeline_lib.models import freeze_all_but_top_k, load_sequence_classifier, load_tokenizer
+from pipeline_lib.stages import training
+from pipeline_lib.stages.data_prep import read_jsonl
+
+
+def conversational_pairs(rows: list[dict[str, str]]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}],
+            }
+            for row in rows
+        ]
+    )
+
+
+def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]]) -> float:
+    """Share of pairs the reward model ranks the right way round (ties count as wrong)."""
+    prompts = [pair["prompt"] for pair in pairs]
+    chosen = reward_scores(model, tokenizer, prompts, [pair["chosen"] for pair in pairs])
+    rejected = reward_scores(model, tokenizer, prompts, [pair["rejected"] for pair in pairs])
+    return accuracy_of_scores(chosen, rejected)
+
+
+def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from trl import RewardConfig, RewardTrainer
+
+    # --- setup
+    section = config.reward
+    training.seed_everything(config.seed)
+    # --- data
+    train_rows = read_jsonl(Path(data_dir) / "reward_train.jsonl")
+    eval_rows = read_jsonl(Path(data_dir) / "reward_eval.jsonl")
+    # --- model
+    tokenizer = load_tokenizer(sft_model_dir)
+    model = load_sequence_classifier(sft_model_dir, tokenizer.pad_token_id, config.model.trust_remote_code)
+    parameter_counts = freeze_all_but_top_k(model, section.top_k)
+    accuracy_before = pairwise_accuracy(model, tokenizer, eval_rows)
+    # --- train
+    args = RewardConfig(
+        **training.trainer_args("reward", config, section, out_dir),
+        max_length=section.max_length,
+        eval_strategy="no",
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=conversational_pairs(train_rows), processing_class=tokenizer
+    )
+    train_metrics = training.train_resumable("reward", trainer, out_dir)
+    # --- evaluate and save
+    accuracy = pairwise_accuracy(trainer.model, tokenizer, eval_rows)
+    history = training.write_loss_log(trainer, out_dir)
+    training.save_model(trainer.model, tokenizer, out_dir, "reward", {"sft_model": str(sft_model_dir), "data": str(data_dir)})
+    return {
+        **parameter_counts,
+        "train_loss": train_metrics.get("train_loss"),
+        "pairwise_accuracy": accuracy,
+        "pairwise_accuracy_before": accuracy_before,
+        "eval_pairs": len(eval_rows),
+        "logged_losses": len(history),
+        "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
+        "tracking_run_id": training.tracking.finish(),
+    }

@@ -1,0 +1,69 @@
+"""Supervised fine-tuning with TRL's ``SFTTrainer``.
+
+Inputs: the base model directory and data prep's ``sft_train.jsonl``/``sft_eval.jsonl``
+(prompt, completion). Rows become conversational prompt/completion pairs, so the
+model's chat template applies and the loss covers the completion only (TRL's
+``completion_only_loss``). Only the top ``sft.top_k`` decoder layers train.
+Output: a HF-format causal LM (safetensors) with tokenizer and model card.
+
+Run alone: ``python -m pipeline_lib.stages.sft --preset tiny BASE_DIR DATA_DIR OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.config import PipelineConfig
+from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
+from pipeline_lib.stages import training
+from pipeline_lib.stages.data_prep import read_jsonl
+
+
+def conversational(rows: list[dict[str, str]]):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "completion": [{"role": "assistant", "content": row["completion"]}],
+            }
+            for row in rows
+        ]
+    )
+
+
+def run(config: PipelineConfig, base_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from trl import SFTConfig, SFTTrainer
+
+    # --- setup
+    section = config.sft
+    training.seed_everything(config.seed)
+    # --- data
+    train_dataset = conversational(read_jsonl(Path(data_dir) / "sft_train.jsonl"))
+    eval_dataset = conversational(read_jsonl(Path(data_dir) / "sft_eval.jsonl"))
+    # --- model
+    tokenizer = load_tokenizer(base_model_dir)
+    model = load_causal_lm(base_model_dir, config.model.trust_remote_code)
+    parameter_counts = freeze_all_but_top_k(model, section.top_k)
+    # --- train
+    args = SFTConfig(
+        **training.trainer_args("sft", config, section, out_dir),
+        max_length=section.max_length,
+        eval_strategy="no",
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+    train_metrics = training.train_resumable("sft", trainer, out_dir)
+    eval_metrics = trainer.evaluate(eval_dataset)
+    # --- save
+    history = training.write_loss_log(trainer, out_dir)
+    training.save_model(trainer.model, tokenizer, out_dir, "sft", {"base_model": str(base_model_dir), "data": str(data_dir)})
+    return {
+        **parameter_counts,
+        "train_loss": train_metrics.get("train_loss"),
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "logged_losses": len(history),
+        "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
+        "tracking_run_id": training.tracking.finish(),
+    }

@@ -1,0 +1,120 @@
+"""What every training stage shares: TRL config fields, resume, rescue on failure, saving.
+
+* ``trainer_args`` maps a stage section onto TRL's own config fields (names unchanged).
+* ``train_resumable`` resumes from the newest ``checkpoints/checkpoint-*`` in the work
+  directory, so an interrupted stage continues instead of starting over; if training
+  raises, what was trained so far goes to ``failed/model`` beside ``failed/error.json``
+  (never in place of a good output) and the error propagates.
+* ``save_model`` writes safetensors, the tokenizer and a model card with lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from pipeline_lib import tracking
+from pipeline_lib.config import PipelineConfig, TrainSection
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoints"
+
+
+class StageFailed(RuntimeError):
+    """A training stage raised; the message names the stage and the cause."""
+
+
+def seed_everything(seed: int) -> None:
+    transformers.set_seed(seed)
+    torch.use_deterministic_algorithms(False)
+
+
+def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_dir: Path) -> dict[str, Any]:
+    """Keyword arguments shared by TRL's SFTConfig, RewardConfig, DPOConfig and PPOConfig."""
+    return {
+        "output_dir": str(Path(out_dir) / CHECKPOINT_DIR),
+        "num_train_epochs": section.num_train_epochs,
+        "max_steps": section.max_steps,
+        "learning_rate": section.learning_rate,
+        "per_device_train_batch_size": section.per_device_train_batch_size,
+        "gradient_accumulation_steps": section.gradient_accumulation_steps,
+        "warmup_steps": section.warmup_steps,
+        "logging_steps": section.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": section.save_steps,
+        "save_total_limit": 2,
+        "save_only_model": False,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "report_to": tracking.configure(config),
+        "run_name": tracking.run_name(stage, config),
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "disable_tqdm": False,
+        "dataloader_num_workers": 0,
+    }
+
+
+def latest_checkpoint(out_dir: Path) -> str | None:
+    checkpoints = sorted(
+        (Path(out_dir) / CHECKPOINT_DIR).glob("checkpoint-*"),
+        key=lambda path: int(re.sub(r"\D", "", path.name) or 0),
+    )
+    complete = [path for path in checkpoints if (path / "trainer_state.json").is_file()]
+    return str(complete[-1]) if complete else None
+
+
+def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint when there is one); rescue the model on failure."""
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint:
+        logger.info("%s: resuming from %s", stage, checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint) if resume else trainer.train()
+    except BaseException as error:
+        rescue = Path(out_dir) / "failed"
+        try:
+            trainer.save_model(str(rescue / "model"))
+        except Exception:  # the model may be in no state to save; the error below matters more
+            logger.exception("%s: could not save the partially trained model", stage)
+        (rescue).mkdir(parents=True, exist_ok=True)
+        (rescue / "error.json").write_text(
+            json.dumps({"stage": stage, "error": repr(error), "traceback": traceback.format_exc()}, indent=2)
+        )
+        tracking.finish()
+        if isinstance(error, Exception):
+            raise StageFailed(f"{stage} failed: {type(error).__name__}: {error}") from error
+        raise
+    metrics = dict(getattr(result, "metrics", None) or {})
+    metrics["resumed_from_checkpoint"] = checkpoint is not None
+    return metrics
+
+
+def loss_history(trainer) -> list[dict[str, float]]:
+    return [
+        {key: value for key, value in entry.items() if isinstance(value, (int, float))}
+        for entry in trainer.state.log_history
+        if any(key.endswith("loss") for key in entry)
+    ]
+
+
+def save_model(model, tokenizer, out_dir: Path, stage: str, lineage: dict[str, Any]) -> None:
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    lines = [f"# {stage} model", "", "Produced by the rlhf-pipeline. Lineage:", ""]
+    lines += [f"- **{name}**: `{value}`" for name, value in lineage.items()]
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def write_loss_log(trainer, out_dir: Path) -> list[dict[str, float]]:
+    history = loss_history(trainer)
+    (Path(out_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    return history

@@ -1,0 +1,161 @@
+"""Content-addressed stage outputs: ``<root>/<stage>/<key>/`` plus its ``manifest.json``.
+
+* ``stage_key`` is the contract of the architecture: sha256 over the stage name, its
+  config, its upstream keys, the data fingerprint, the source of the stage's own
+  modules and the versions of the ML libraries. Same key, same work.
+* Work in progress lives in ``<key>.partial/`` (the trainer's checkpoints included, so
+  an interrupted stage resumes) and is published by one ``os.rename``: a reader sees
+  either nothing or a complete output.
+* A directory is only ever used when its manifest exists and every file it lists has
+  the checksum it recorded (``validate``).
+
+The manifest replaces the original scripts' ``training_info.pt``: JSON, not pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets")
+# Directories inside a partial output that are scratch, never published.
+SCRATCH_DIRS = ("checkpoints", "failed")
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in TRACKED_LIBRARIES}
+
+
+def code_version(*modules: Any) -> str:
+    """Hash of the source of the given modules: editing a stage's code changes its key."""
+    return sha256_text("".join(inspect.getsource(module) for module in modules))
+
+
+def stage_key(
+    stage: str,
+    stage_config: dict[str, Any],
+    upstream_keys: dict[str, str],
+    data_fingerprint: str,
+    stage_code_version: str,
+    versions: dict[str, str] | None = None,
+) -> str:
+    payload = {
+        "stage": stage,
+        "config": stage_config,
+        "upstream": upstream_keys,
+        "data": data_fingerprint,
+        "code": stage_code_version,
+        "versions": versions if versions is not None else library_versions(),
+    }
+    return sha256_text(canonical_json(payload))
+
+
+def file_checksums(directory: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(directory)): sha256_file(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    stage: str
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def partial_path(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}.partial"
+
+    def begin(self, stage: str, key: str) -> Path:
+        """The work directory for a stage; kept across attempts so training can resume."""
+        partial = self.partial_path(stage, key)
+        partial.mkdir(parents=True, exist_ok=True)
+        return partial
+
+    def validate(self, stage: str, key: str) -> str | None:
+        """None if the published output is complete and intact, else why it is not."""
+        directory = self.path(stage, key)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            return f"{directory} has no {MANIFEST}"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as error:
+            return f"{manifest_path} is not valid JSON: {error}"
+        if manifest.get("key") != key:
+            return f"{manifest_path} records key {manifest.get('key')!r}, expected {key!r}"
+        for name, expected in manifest.get("files", {}).items():
+            file_path = directory / name
+            if not file_path.is_file():
+                return f"{file_path} is missing"
+            if sha256_file(file_path) != expected:
+                return f"{file_path} does not match its checksum"
+        return None
+
+    def load(self, stage: str, key: str) -> StageOutput:
+        problem = self.validate(stage, key)
+        if problem:
+            raise StoreError(f"{stage} output {key[:12]} is not usable: {problem}")
+        directory = self.path(stage, key)
+        return StageOutput(stage, key, directory, json.loads((directory / MANIFEST).read_text()))
+
+    def publish(self, stage: str, key: str, manifest: dict[str, Any]) -> StageOutput:
+        """Write the manifest into the partial directory and rename it into place atomically."""
+        partial = self.partial_path(stage, key)
+        for scratch in SCRATCH_DIRS:
+            shutil.rmtree(partial / scratch, ignore_errors=True)
+        full_manifest = {
+            **manifest,
+            "stage": stage,
+            "key": key,
+            "files": file_checksums(partial),
+            "versions": library_versions(),
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (partial / MANIFEST).write_text(json.dumps(full_manifest, indent=2, sort_keys=True, default=str))
+        final = self.path(stage, key)
+        if final.exists():
+            # A stale or broken output under the same key: move it aside, never delete a
+            # directory someone may still be reading.
+            final.rename(final.with_name(f"{key}.stale-{int(time.time() * 1000)}"))
+        os.rename(partial, final)
+        return StageOutput(stage, key, final, full_manifest)
