@@ -116,6 +116,13 @@ class PPOSection(TrainSection):
     temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature of rollouts.")
     missing_eos_penalty: float | None = Field(None, description="Reward subtracted from responses that never end.")
 
+    @model_validator(mode="after")
+    def _mini_batches_divide_the_batch(self) -> "PPOSection":
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_mini_batches:
+            raise ValueError(f"num_mini_batches ({self.num_mini_batches}) must divide the rollout batch ({batch})")
+        return self
+
 
 class EvaluateSection(Section):
     max_new_tokens: int = Field(40, ge=1, le=1024, description="Tokens generated per held-out prompt.")
@@ -194,7 +201,8 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
     lines = [f"invalid configuration ({origin}):"]
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(root)"
-        lines.append(f"  {field}: {item['msg']} (got {item.get('input')!r})")
+        shown = item.get("input")
+        lines.append(f"  {field}: {item['msg']}" + ("" if isinstance(shown, dict) else f" (got {shown!r})"))
     return "\n".join(lines)
 
 
@@ -252,3 +260,46 @@ def check_top_k(config: PipelineConfig, num_layers: int) -> None:
         top_k = getattr(config, stage).top_k
         if top_k > num_layers:
             raise ConfigError(f"{stage}.top_k: {top_k} is above the base model's {num_layers} decoder layers")
+
+
+def env_example() -> str:
+    """The text of ``.env.example``: every setting as ``RLHF_SECTION__FIELD``, with its description."""
+    lines = [
+        "# Settings for the rlhf pipeline. Copy to .env and uncomment what you change.",
+        "# Priority: preset < --config FILE < .env < environment < --set overrides.",
+        "# Regenerate with: python -m pipeline_lib.config --env-example > .env.example",
+        "",
+        "# Secrets are not settings: export them in the environment (they are not read from this",
+        "# file) and the libraries pick them up; they are never written to logs or manifests.",
+        "#   WANDB_API_KEY           only for tracking.mode=online",
+        "#   HF_TOKEN                only for gated hub models or datasets",
+        "",
+    ]
+    defaults = PipelineConfig()
+
+    def describe(prefix: str, model: BaseModel) -> None:
+        for name, field in type(model).model_fields.items():
+            if name == "preset":  # chosen with --preset, not a setting
+                continue
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                lines.append(f"# --- {name}")
+                describe(f"{prefix}{name.upper()}__", value)
+                lines.append("")
+                continue
+            shown = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            lines.append(f"# {field.description}")
+            lines.append(f"# {prefix}{name.upper()}={shown}")
+
+    describe("RLHF_", defaults)
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--env-example"]:
+        print(env_example(), end="")
+    else:
+        print("usage: python -m pipeline_lib.config --env-example", file=sys.stderr)
+        sys.exit(2)

@@ -81,10 +81,20 @@ def materialize_base_model(model: ModelSection, cache_dir: Path, corpus: list[st
 
 
 def _save_atomically(target: Path, save) -> Path:
-    staging = target.with_name(target.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
+    """Write into a private staging folder, then rename; a concurrent writer that lost
+    the race discards its copy (both copies are identical)."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".partial", dir=target.parent))
     save(staging)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(staging)
     return target
 
 

@@ -165,7 +165,11 @@ def normalize_rows(
     for index, row in enumerate(rows):
         try:
             item = normalize_pair(row, schema) if kind == "pairs" else normalize_sft(row, schema)
-        except (KeyError, TypeError, ValueError) as error:
+        except KeyError as error:
+            # str(KeyError) is only the quoted key: report it as the field, not the schema.
+            problems.append(RowProblem(index, str(error.args[0]), f"is missing (schema {schema})"))
+            continue
+        except (TypeError, ValueError) as error:
             problems.append(RowProblem(index, schema, str(error)))
             continue
         row_problems = [RowProblem(index, name, problem) for name in fields if (problem := _text_problem(item[name]))]

@@ -43,7 +43,12 @@ def load_rows(source: str, split: str = "train", revision: str | None = None, ma
         if not path.is_file():
             raise DataValidationError(source, "file does not exist")
         try:
-            dataset = datasets.load_dataset(file_format, data_files=str(path), split="train")
+            # datasets keys its Arrow cache of a local file on path and mtime only, so a file
+            # replaced with its mtime kept (cp -p, rsync -t, tar) would be read stale while
+            # source_fingerprint (content hash) says it is new: always rebuild from the file.
+            dataset = datasets.load_dataset(
+                file_format, data_files=str(path), split="train", download_mode="force_redownload"
+            )
         except Exception as error:  # datasets raises many types for unreadable files
             raise DataValidationError(source, f"unreadable {file_format} file: {error}") from None
     else:

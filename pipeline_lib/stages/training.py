@@ -62,6 +62,19 @@ def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_
     }
 
 
+class StepProgress(transformers.TrainerCallback):
+    """Logs ``stage: step i/n, loss`` through standard logging, so step progress reaches the
+    Prefect UI (the flow forwards ``pipeline_lib`` loggers) and not only a terminal's tqdm."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = next((value for key, value in (logs or {}).items() if key.endswith("loss")), None)
+        shown = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+        logger.info("%s: step %d/%d%s", self.stage, state.global_step, state.max_steps, shown)
+
+
 def latest_checkpoint(out_dir: Path) -> str | None:
     checkpoints = sorted(
         (Path(out_dir) / CHECKPOINT_DIR).glob("checkpoint-*"),
@@ -73,6 +86,12 @@ def latest_checkpoint(out_dir: Path) -> str | None:
 
 def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> dict[str, Any]:
     """Train (resuming from the last checkpoint when there is one); rescue the model on failure."""
+    examples = getattr(trainer, "train_dataset", None)
+    if examples is not None and len(examples) == 0:
+        # TRL drops examples longer than max_length before training; say so, not "num_samples=0".
+        limit = getattr(trainer.args, "max_length", None)
+        raise StageFailed(f"{stage} failed: no training example fits {stage}.max_length={limit}; raise {stage}.max_length")
+    trainer.add_callback(StepProgress(stage))
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint:
         logger.info("%s: resuming from %s", stage, checkpoint)

@@ -1,0 +1,258 @@
+"""The ``rlhf`` flow: data prep -> SFT -> reward -> DPO / PPO -> evaluate, cached and resumable.
+
+    python flows/rlhf.py                        # the default preset, offline, embedded model
+    python flows/rlhf.py --preset tiny --dry-run
+    python flows/rlhf.py --set dpo.beta=0.2 --stages dpo,evaluate
+    python flows/rlhf.py --force reward         # re-run reward and everything after it
+
+Every stage's Prefect cache key is its stage key (config, upstream keys, data
+fingerprint, code, library versions), so a second run is all Cached, a changed stage
+re-runs with its descendants only, and a re-run after a failure or kill skips finished
+stages while the interrupted one resumes from its last trainer checkpoint. Before
+trusting a Prefect cache hit the flow checks the store; an output that is missing or
+does not match its checksums is trained again.
+
+Uses Prefect's temporary local server when ``PREFECT_API_URL`` is unset and the
+configured server otherwise. The last line on standard output is one JSON object with
+the overall status, each stage's key, path and cache state, and the evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ProcessPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from pipeline_lib.config import STAGES, ConfigError, PipelineConfig, available_presets, check_top_k, load_config
+from pipeline_lib.data import sentiment_task
+from pipeline_lib.data.schemas import DataValidationError
+from pipeline_lib.models import materialize_base_model, num_decoder_layers
+from pipeline_lib.plan import Plan, make_plan
+from tasks.stages import STAGE_TASKS, StageResult, prefect_dir, stage_cache_policy
+
+Preset = Enum("Preset", {name: name for name in available_presets()}, type=str)
+Stage = Enum("Stage", {name: name for name in STAGES}, type=str)
+
+
+class RunParameters(BaseModel):
+    """What one run of the pipeline does; the Prefect UI shows these as the Custom run form."""
+
+    preset: Preset = Field(Preset("default"), description="Starting configuration: tiny (tests), default (embedded, CPU), tldr (hub).")
+    config_file: str | None = Field(None, description="A YAML file whose sections override the preset.")
+    overrides: list[str] = Field(
+        default_factory=list, description="Dotted overrides applied last, e.g. 'dpo.beta=0.2', 'sft.top_k=0'."
+    )
+    stages: list[Stage] = Field(
+        default_factory=lambda: list(Stage), description="Stages to run; what they need is added automatically."
+    )
+    force: list[Stage] = Field(default_factory=list, description="Stages to re-run (with their descendants) even if cached.")
+    output_root: str | None = Field(None, description="Where the store, caches and results live (default: the config's .data).")
+
+    def config(self) -> PipelineConfig:
+        overrides = list(self.overrides) + ([f"output_root={self.output_root}"] if self.output_root else [])
+        return load_config(self.preset.value, self.config_file, overrides)
+
+    def stage_names(self) -> list[str]:
+        return [stage.value for stage in self.stages]
+
+    def force_names(self) -> list[str]:
+        return [stage.value for stage in self.force]
+
+
+def prepare_base_model(config: PipelineConfig) -> Path:
+    """Materialise the base model (converted once, then reused) and check top_k against it."""
+    base_model_dir = materialize_base_model(config.model, Path(config.output_root) / "models", sentiment_task.corpus())
+    check_top_k(config, num_decoder_layers(base_model_dir))
+    return base_model_dir
+
+
+def submit_stages(config: PipelineConfig, plan: Plan, base_model_dir: Path) -> dict[str, Any]:
+    """Submit one task per planned stage, wired by the results they read."""
+    policy = stage_cache_policy(config)
+    storage = prefect_dir(config) / "results"
+    futures: dict[str, Any] = {}
+    for stage in plan.stages:
+        task = STAGE_TASKS[stage.name].with_options(
+            cache_policy=policy,
+            result_storage=storage,
+            # Prefect only knows its own records: refresh when the store lacks the output.
+            refresh_cache=stage.will_run,
+        )
+        common = {"stage_name": stage.name, "key": stage.key, "config": config, "rerun": stage.forced}
+        inputs = {
+            "data_prep": lambda: {"base_model_dir": str(base_model_dir)},
+            "sft": lambda: {"base_model_dir": str(base_model_dir), "data": futures["data_prep"]},
+            "reward": lambda: {"data": futures["data_prep"], "sft_model": futures["sft"]},
+            "dpo": lambda: {"data": futures["data_prep"], "sft_model": futures["sft"]},
+            "ppo": lambda: {"data": futures["data_prep"], "sft_model": futures["sft"], "reward_model": futures["reward"]},
+            "evaluate": lambda: {
+                "base_model_dir": str(base_model_dir),
+                "data": futures["data_prep"],
+                "reward_model": futures["reward"],
+                "policies": {name: futures[name] for name in ("sft", "dpo", "ppo") if name in futures},
+            },
+        }[stage.name]()
+        futures[stage.name] = task.submit(**common, **inputs)
+    return futures
+
+
+def publish_artifacts(plan: Plan, results: dict[str, StageResult]) -> None:
+    lineage = ["| stage | key | inputs | path |", "|---|---|---|---|"]
+    for stage in plan.stages:
+        if stage.name in results:
+            inputs = ", ".join(f"{name} `{key[:12]}`" for name, key in stage.upstream.items()) or "sources"
+            lineage.append(f"| {stage.name} | `{stage.key[:12]}` | {inputs} | `{results[stage.name].path}` |")
+    markdown = ["# RLHF run", "", "## Lineage", "", *lineage]
+    evaluation = results.get("evaluate")
+    if evaluation:
+        report_dir = Path(evaluation.path)
+        report = (report_dir / "report.md").read_text()
+        plot = report_dir / "eval.png"
+        if plot.is_file():
+            # Artifacts cannot serve local files: inline the plot so the UI shows it.
+            encoded = base64.b64encode(plot.read_bytes()).decode()
+            report = report.replace("(eval.png)", f"(data:image/png;base64,{encoded})")
+        markdown += ["", report]
+        policies = json.loads((report_dir / "eval.json").read_text())["policies"]
+        create_table_artifact(
+            [{"policy": name, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}} for name, row in policies.items()],
+            key="rlhf-metrics",
+            description="Evaluation metrics per policy on held-out prompts",
+        )
+    create_markdown_artifact("\n".join(markdown), key="rlhf-report", description="Evaluation and lineage of every output")
+
+
+# Stages run in worker processes: torch's RNG and transformers' model loading are
+# process-global, so two stages sharing a process (threads) would race and lose
+# determinism; processes also hand each stage's memory back when it ends.
+@flow(name="rlhf", task_runner=ProcessPoolTaskRunner(max_workers=2))
+def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
+    """Run the RLHF pipeline; returns each stage's key, path, cache state and the evaluation."""
+    logger = get_run_logger()
+    config = params.config()
+    base_model_dir = prepare_base_model(config)
+    plan = make_plan(config, params.stage_names(), params.force_names())
+    for stage in plan.stages:
+        logger.info("plan: %-9s %s %s", stage.name, stage.key[:12], "cached" if not stage.will_run else "will run")
+    progress = create_progress_artifact(0.0, key="rlhf-progress", description="Stages finished")
+    futures = submit_stages(config, plan, base_model_dir)
+    results: dict[str, StageResult] = {}
+    failures: dict[str, str] = {}
+    for future in as_completed(list(futures.values())):
+        name = next(stage for stage, candidate in futures.items() if candidate is future)
+        future.wait()
+        if future.state.is_completed():
+            results[name] = future.result()
+            if future.state.name == "Cached":
+                results[name] = results[name].model_copy(update={"trained": False})
+        else:
+            failures[name] = str(future.state.message or future.state.name)
+        update_progress_artifact(progress, 100.0 * (len(results) + len(failures)) / len(futures))
+    publish_artifacts(plan, results)
+    summary = run_summary(plan, results, failures)
+    if failures:
+        first = next(name for name in STAGES if name in failures)
+        raise RuntimeError(f"stage {first} failed: {failures[first]}")
+    return summary
+
+
+def run_summary(plan: Plan, results: dict[str, StageResult], failures: dict[str, str] | None = None) -> dict[str, Any]:
+    failures = failures or {}
+    stages = {}
+    for stage in plan.stages:
+        result = results.get(stage.name)
+        stages[stage.name] = {
+            "key": stage.key,
+            "path": str(stage.path),
+            "cached": result is not None and not result.trained,
+            "status": "completed" if result else "failed" if stage.name in failures else "not run",
+        }
+        if stage.name in failures:
+            stages[stage.name]["error"] = failures[stage.name]
+    evaluation = results.get("evaluate")
+    return {
+        "status": "failed" if failures else "completed",
+        "stages": stages,
+        "evaluation": json.loads((Path(evaluation.path) / "eval.json").read_text()) if evaluation else None,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python flows/rlhf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="default", choices=available_presets(), help="starting configuration")
+    parser.add_argument("--config", dest="config_file", help="YAML file whose sections override the preset")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one setting, e.g. --set dpo.beta=0.2 (repeatable); see .env.example for every field",
+    )
+    parser.add_argument("--stages", help=f"comma-separated stages to run, with what they need ({','.join(STAGES)})")
+    parser.add_argument("--force", help="comma-separated stages to re-run with their descendants even if cached")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached; train nothing")
+    parser.add_argument("--output-root", help="where the store, caches and results live (default .data)")
+    return parser
+
+
+def parameters_from_args(args: argparse.Namespace) -> RunParameters:
+    def split(value: str | None) -> list[str] | None:
+        return [name.strip() for name in value.split(",") if name.strip()] if value else None
+
+    fields: dict[str, Any] = {"preset": args.preset, "config_file": args.config_file, "overrides": args.overrides}
+    if args.output_root:
+        fields["output_root"] = args.output_root
+    for name in ("stages", "force"):
+        names = split(getattr(args, name))
+        if names:
+            unknown = [n for n in names if n not in STAGES]
+            if unknown:
+                raise ConfigError(f"--{name}: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+            fields[name] = names
+    return RunParameters(**fields)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = parameters_from_args(args)
+        config = params.config()
+        if args.dry_run:
+            plan = make_plan(config, params.stage_names(), params.force_names())
+            for stage in plan.stages:
+                state = "cached" if not stage.will_run else ("forced" if stage.forced else "will run")
+                print(f"{stage.name:<10} {stage.key}  {state}" + (f"  ({stage.problem})" if stage.problem else ""))
+            summary = {"status": "dry-run", "stages": {s.name: {"key": s.key, "path": str(s.path), "cached": not s.will_run} for s in plan.stages}}
+            print(json.dumps(summary))
+            return 0
+    except (ConfigError, DataValidationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        print(json.dumps({"status": "invalid", "error": str(error)}))
+        return 2
+    state = rlhf(params, return_state=True)
+    if state.is_completed():
+        print(json.dumps(state.result()))
+        return 0
+    # The flow failed: report what the store holds for each planned stage.
+    plan = make_plan(config, params.stage_names())
+    summary = {
+        "status": "failed",
+        "error": str(state.message),
+        "stages": {s.name: {"key": s.key, "path": str(s.path), "cached": s.cached, "status": "completed" if s.cached else "not completed"} for s in plan.stages},
+        "evaluation": None,
+    }
+    print(json.dumps(summary))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""One thin Prefect task per stage: cache key, lock, logging, a link artifact. No ML here.
+
+Each task is called with the run's config, the stage key the plan computed and the
+results of its upstream stages, and returns a small ``StageResult`` (stage, key, path,
+metrics): paths travel between tasks, never models.
+
+Caching: the Prefect cache key *is* the stage key (``CacheKeyFnPolicy``), results are
+persisted to ``<output_root>/prefect/results`` and the same key is locked across
+processes (``SERIALIZABLE`` isolation, file locks that die with their process), so two runs with the
+same inputs train a stage once: the second waits and comes back Cached. Prefect only
+checks its own records, so the flow checks the store first and refreshes the cache when
+the store disagrees (see ``flows/rlhf.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact
+from prefect.cache_policies import CacheKeyFnPolicy
+from pydantic import BaseModel
+
+from pipeline_lib.config import PipelineConfig
+from pipeline_lib.plan import store_for
+from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft
+from tasks.locking import ProcessBoundLockManager
+
+
+class StageResult(BaseModel):
+    stage: str
+    key: str
+    path: str
+    metrics: dict[str, Any] = {}
+    trained: bool = True  # False when the store already held this key
+
+
+def prefect_dir(config: PipelineConfig) -> Path:
+    return Path(config.output_root).resolve() / "prefect"
+
+
+def stage_cache_policy(config: PipelineConfig) -> CacheKeyFnPolicy:
+    policy = CacheKeyFnPolicy(cache_key_fn=lambda context, parameters: f"{parameters['stage_name']}-{parameters['key']}")
+    return policy.configure(
+        isolation_level="SERIALIZABLE",
+        lock_manager=ProcessBoundLockManager(lock_files_directory=prefect_dir(config) / "locks"),
+    )
+
+
+def execute(
+    stage: str,
+    key: str,
+    config: PipelineConfig,
+    upstream: dict[str, StageResult],
+    train: Callable[[Path], dict[str, Any]],
+    rerun: bool = False,
+) -> StageResult:
+    """Run ``train`` into the key's work directory and publish it, unless the store has it
+    (or ``rerun`` asks to train again)."""
+    logger = get_run_logger()
+    store = store_for(config)
+    if not rerun and store.validate(stage, key) is None:
+        logger.info("%s %s: already in the store, not training", stage, key[:12])
+        output = store.load(stage, key)
+        return StageResult(stage=stage, key=key, path=str(output.path), metrics=output.manifest.get("metrics", {}), trained=False)
+    work_dir = store.begin(stage, key)
+    logger.info("%s %s: running in %s", stage, key[:12], work_dir)
+    started = time.time()
+    metrics = train(work_dir)
+    manifest = {
+        "config": config.stage_section(stage),
+        "upstream": {name: {"key": result.key, "path": result.path} for name, result in upstream.items()},
+        "metrics": metrics,
+        "timings": {"seconds": round(time.time() - started, 2)},
+        "tracking_run_id": metrics.get("tracking_run_id"),
+    }
+    output = store.publish(stage, key, manifest)
+    create_link_artifact(
+        link=output.path.resolve().as_uri(),
+        link_text=f"{stage} output {key[:12]}",
+        description=f"{stage} output directory (key {key})",
+    )
+    logger.info("%s %s: published %s in %.1fs", stage, key[:12], output.path, time.time() - started)
+    return StageResult(stage=stage, key=key, path=str(output.path), metrics=metrics)
+
+
+# Each task takes ``stage_name`` so one cache-key function serves them all.
+TASK_OPTIONS = dict(persist_result=True, retries=0, task_run_name="{stage_name}-{key:.12}")
+
+
+@task(name="data_prep", **TASK_OPTIONS)
+def data_prep_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, base_model_dir: str) -> StageResult:
+    return execute(stage_name, key, config, {}, lambda out: data_prep.run(config, Path(base_model_dir), out), rerun)
+
+
+@task(name="sft", **TASK_OPTIONS)
+def sft_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, base_model_dir: str, data: StageResult) -> StageResult:
+    return execute(stage_name, key, config, {"data_prep": data}, lambda out: sft.run(config, Path(base_model_dir), Path(data.path), out), rerun)
+
+
+@task(name="reward", **TASK_OPTIONS)
+def reward_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, data: StageResult, sft_model: StageResult) -> StageResult:
+    return execute(
+        stage_name, key, config, {"data_prep": data, "sft": sft_model},
+        lambda out: reward.run(config, Path(sft_model.path), Path(data.path), out),
+        rerun,
+    )
+
+
+@task(name="dpo", **TASK_OPTIONS)
+def dpo_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, data: StageResult, sft_model: StageResult) -> StageResult:
+    return execute(
+        stage_name, key, config, {"data_prep": data, "sft": sft_model},
+        lambda out: dpo.run(config, Path(sft_model.path), Path(data.path), out),
+        rerun,
+    )
+
+
+@task(name="ppo", **TASK_OPTIONS)
+def ppo_task(
+    stage_name: str, key: str, rerun: bool, config: PipelineConfig, data: StageResult, sft_model: StageResult, reward_model: StageResult
+) -> StageResult:
+    return execute(
+        stage_name, key, config, {"data_prep": data, "sft": sft_model, "reward": reward_model},
+        lambda out: ppo.run(config, Path(sft_model.path), Path(reward_model.path), Path(data.path), out),
+        rerun,
+    )
+
+
+@task(name="evaluate", **TASK_OPTIONS)
+def evaluate_task(
+    stage_name: str,
+    key: str,
+    rerun: bool,
+    config: PipelineConfig,
+    base_model_dir: str,
+    data: StageResult,
+    reward_model: StageResult,
+    policies: dict[str, StageResult],
+) -> StageResult:
+    policy_dirs = {"base": Path(base_model_dir), **{name: Path(result.path) for name, result in policies.items()}}
+    return execute(
+        stage_name, key, config, {"data_prep": data, "reward": reward_model, **policies},
+        lambda out: evaluate.run(config, policy_dirs, Path(reward_model.path), Path(data.path), out),
+        rerun,
+    )
+
+
+STAGE_TASKS = {
+    "data_prep": data_prep_task,
+    "sft": sft_task,
+    "reward": reward_task,
+    "dpo": dpo_task,
+    "ppo": ppo_task,
+    "evaluate": evaluate_task,
+}

@@ -1,0 +1,190 @@
+"""Configuration: presets, source priority, overrides and rejection of invalid values."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline_lib.config import PRESET_DIR, ConfigError, check_top_k, load_config, parse_overrides
+
+PRESET_FILES = sorted(PRESET_DIR.glob("*.yaml"))
+# Decoder layers of each preset's base model, so every preset's top_k is checked against it.
+BASE_MODEL_LAYERS = {"tiny": 4, "default": 30, "tldr": 32}  # tiny-random-llama, SmolLM2-135M, SmolLM2-360M
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No RLHF_* variable or wandb key from the developer's shell leaks into these tests."""
+    for name in list(os.environ):
+        if name.startswith("RLHF_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def assert_yaml_applied(expected: dict, loaded: dict, where: str = "") -> None:
+    for name, value in expected.items():
+        path = f"{where}{name}"
+        if isinstance(value, dict):
+            assert_yaml_applied(value, loaded[name], f"{path}.")
+        else:
+            assert loaded[name] == value, f"{path}: YAML says {value!r}, config has {loaded[name]!r}"
+
+
+@pytest.mark.parametrize("preset_file", PRESET_FILES, ids=[path.stem for path in PRESET_FILES])
+def test_every_preset_loads_with_its_yaml_values(preset_file: Path) -> None:
+    config = load_config(preset_file.stem, env_file=None)
+
+    assert config.preset == preset_file.stem
+    assert_yaml_applied(yaml.safe_load(preset_file.read_text()), config.model_dump(mode="json"))
+    check_top_k(config, BASE_MODEL_LAYERS[preset_file.stem])
+
+
+def test_the_documented_presets_exist() -> None:
+    assert {"tiny", "default", "tldr"} <= {path.stem for path in PRESET_FILES}
+
+
+def test_priority_preset_then_file_then_dotenv_then_environment_then_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user_file = tmp_path / "experiment.yaml"
+    user_file.write_text("dpo:\n  beta: 0.2\nsft:\n  learning_rate: 0.002\n")
+    dotenv = tmp_path / ".env"
+    # A real .env also carries secrets and other tools' variables; they must not break loading.
+    dotenv.write_text("RLHF_DPO__BETA=0.3\nRLHF_SEED=7\nWANDB_API_KEY=not-a-field\nOTHER_TOOL=1\n")
+
+    preset = load_config("tiny", env_file=None)
+    assert (preset.dpo.beta, preset.dpo.top_k, preset.sft.learning_rate) == (0.1, 2, 1e-3)
+
+    from_file = load_config("tiny", config_file=user_file, env_file=None)
+    assert from_file.dpo.beta == 0.2
+    assert from_file.sft.learning_rate == 0.002
+    assert from_file.dpo.top_k == 2, "a YAML file overriding one field keeps the preset's others"
+
+    from_dotenv = load_config("tiny", config_file=user_file, env_file=dotenv)
+    assert from_dotenv.dpo.beta == 0.3
+    assert from_dotenv.seed == 7
+    assert from_dotenv.sft.learning_rate == 0.002
+
+    monkeypatch.setenv("RLHF_DPO__BETA", "0.4")
+    from_environment = load_config("tiny", config_file=user_file, env_file=dotenv)
+    assert from_environment.dpo.beta == 0.4
+    assert from_environment.seed == 7, "the environment overrides .env per field, not per section"
+    assert from_environment.dpo.top_k == 2
+
+    from_overrides = load_config("tiny", config_file=user_file, env_file=dotenv, overrides=["dpo.beta=0.5"])
+    assert from_overrides.dpo.beta == 0.5
+    assert from_overrides.dpo.learning_rate == 1e-3
+
+
+def test_secrets_in_dotenv_never_reach_the_config(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WANDB_API_KEY=secret-value-123\nHF_TOKEN=hf_secret\n")
+    dumped = load_config("tiny", env_file=dotenv).model_dump_json()
+    assert "secret-value-123" not in dumped
+    assert "hf_secret" not in dumped
+
+
+def test_parse_overrides_nests_and_types_values() -> None:
+    parsed = parse_overrides(
+        ["dpo.beta=0.2", "sft.top_k=0", "seed=7", "model.trust_remote_code=true", "model.revision=", "data.source=a=b.jsonl"]
+    )
+    assert parsed == {
+        "dpo": {"beta": 0.2},
+        "sft": {"top_k": 0},
+        "seed": 7,
+        "model": {"trust_remote_code": True, "revision": ""},
+        "data": {"source": "a=b.jsonl"},
+    }
+    assert isinstance(parsed["sft"]["top_k"], int) and isinstance(parsed["dpo"]["beta"], float)
+
+
+def test_override_without_equals_sign_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="dpo.beta"):
+        parse_overrides(["dpo.beta"])
+
+
+def test_exponent_override_reaches_a_float_field() -> None:
+    # YAML 1.1 reads "1e-3" as a string; the float field must still get 0.001.
+    config = load_config("tiny", env_file=None, overrides=["sft.learning_rate=1e-3", "dpo.learning_rate=2.5e-4"])
+    assert config.sft.learning_rate == pytest.approx(1e-3)
+    assert config.dpo.learning_rate == pytest.approx(2.5e-4)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("sft.learning_rate=-0.001", "sft.learning_rate"),
+        ("data.holdout_percent=150", "data.holdout_percent"),
+        ("data.train_percent=0", "data.train_percent"),
+        ("reward.top_k=-1", "reward.top_k"),
+        ("dpo.betta=0.2", "dpo.betta"),
+        ("tracking.mode=loud", "tracking.mode"),
+    ],
+)
+def test_invalid_override_is_rejected_naming_the_field(override: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"\b{field}\b"):
+        load_config("tiny", env_file=None, overrides=[override])
+
+
+def test_invalid_environment_value_is_rejected_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLHF_DPO__BETA", "-1")
+    with pytest.raises(ConfigError, match=r"dpo\.beta"):
+        load_config("tiny", env_file=None)
+
+
+def test_unknown_preset_is_rejected_listing_the_choices() -> None:
+    with pytest.raises(ConfigError, match=r"preset.*'tinny'.*default, tiny, tldr"):
+        load_config("tinny")
+
+
+def test_missing_config_file_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config("tiny", config_file=tmp_path / "missing.yaml", env_file=None)
+
+
+def test_top_k_above_the_layer_count_is_rejected() -> None:
+    config = load_config("tiny", env_file=None, overrides=["dpo.top_k=6"])
+    check_top_k(config, 6)
+    with pytest.raises(ConfigError, match=r"dpo\.top_k: 6 .* 4 decoder layers"):
+        check_top_k(config, 4)
+
+
+def test_online_tracking_needs_a_wandb_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"tracking\.mode.*WANDB_API_KEY"):
+        load_config("tiny", env_file=None, overrides=["tracking.mode=online"])
+
+    monkeypatch.setenv("WANDB_API_KEY", "key-from-the-environment")
+    config = load_config("tiny", env_file=None, overrides=["tracking.mode=online"])
+    assert config.tracking.mode == "online"
+    assert "key-from-the-environment" not in config.model_dump_json()
+
+
+def test_stage_section_holds_only_what_the_stage_depends_on() -> None:
+    base = load_config("tiny", env_file=None)
+    other_beta = load_config("tiny", env_file=None, overrides=["dpo.beta=0.3"])
+    other_seed = load_config("tiny", env_file=None, overrides=["seed=1"])
+
+    assert other_beta.stage_section("dpo") != base.stage_section("dpo")
+    assert other_beta.stage_section("sft") == base.stage_section("sft")
+    assert other_beta.stage_section("data_prep") == base.stage_section("data_prep")
+    for stage in ("data_prep", "sft", "reward", "dpo", "ppo", "evaluate"):
+        assert other_seed.stage_section(stage) != base.stage_section(stage), stage
+
+
+def test_env_example_lists_every_setting_with_its_description():
+    """.env.example is what users copy: it must match the config model, field for field."""
+    from pipeline_lib.config import PipelineConfig, env_example
+
+    repo_file = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
+    assert repo_file == env_example(), "regenerate: python -m pipeline_lib.config --env-example > .env.example"
+    for section_name, section_field in PipelineConfig.model_fields.items():
+        if section_name == "preset":
+            continue
+        section = section_field.annotation
+        names = section.model_fields if isinstance(section, type) and hasattr(section, "model_fields") else {section_name: None}
+        for name in names:
+            variable = f"RLHF_{section_name.upper()}__{name.upper()}" if names is not None and name != section_name else f"RLHF_{name.upper()}"
+            assert f"# {variable}=" in repo_file, variable

@@ -1,0 +1,205 @@
+"""The ``rlhf`` flow on the tiny preset, under one Prefect test harness for the session.
+
+Each test gets its own output root, so its store, Prefect results and locks are its own.
+Stages run in worker processes, so "nothing trained" is checked the way a user would:
+every stage reports Cached and no output in the store was published again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from flows.rlhf import RunParameters, main, rlhf
+
+pytestmark = pytest.mark.flow
+REPO = Path(__file__).resolve().parents[1]
+ALL_STAGES = {"data_prep", "sft", "reward", "dpo", "ppo", "evaluate"}
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def run_flow(output_root: Path, **fields):
+    params = RunParameters(preset="tiny", output_root=str(output_root), **fields)
+    return rlhf(params, return_state=True)
+
+
+def published(output_root: Path) -> dict[str, str]:
+    """stage/key -> publication time of every output in the store."""
+    return {
+        f"{manifest.parent.parent.name}/{manifest.parent.name}": json.loads(manifest.read_text())["published_at"]
+        for manifest in (output_root / "store").glob("*/*/manifest.json")
+    }
+
+
+def cached_by_stage(state) -> dict[str, bool]:
+    return {name: stage["cached"] for name, stage in state.result()["stages"].items()}
+
+
+def cli(output_root: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("PREFECT_API_URL", None)  # each CLI run starts its own temporary server
+    command = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--preset", "tiny", "--output-root", str(output_root), *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def last_json_line(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_full_flow_then_everything_cached(harness, tmp_path):
+    state = run_flow(tmp_path)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["status"] == "completed"
+    assert set(summary["stages"]) == ALL_STAGES
+    assert not any(cached_by_stage(state).values())
+    for stage in summary["stages"].values():
+        assert (Path(stage["path"]) / "manifest.json").is_file()
+    evaluation = summary["evaluation"]
+    assert set(evaluation["policies"]) == {"base", "sft", "dpo", "ppo"}
+    assert 0.0 <= evaluation["reward_model_pairwise_accuracy"] <= 1.0
+
+    # The artifacts the UI shows: report (lineage + table), metrics table, output links.
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+            )
+
+    found = asyncio.run(artifacts())
+    by_key = {artifact.key: artifact for artifact in found if artifact.key}
+    assert "Lineage" in by_key["rlhf-report"].data and "reward_model_mean" in by_key["rlhf-report"].data
+    assert "rlhf-metrics" in by_key
+    links = [artifact.data for artifact in found if "](file://" in str(artifact.data)]
+    assert len(links) == len(ALL_STAGES)
+
+    before = published(tmp_path)
+    again = run_flow(tmp_path)
+    assert again.is_completed()
+    assert all(cached_by_stage(again).values())
+    assert published(tmp_path) == before
+
+
+def test_failed_middle_stage_then_fixed(harness, tmp_path):
+    """DPO fails (no pair fits its max_length); after the fix only DPO runs."""
+    failed = run_flow(tmp_path, stages=["dpo"], overrides=["dpo.max_length=8"])
+    assert failed.is_failed()
+    assert "stage dpo failed" in str(failed.message) and "dpo.max_length" in str(failed.message)
+    store = tmp_path / "store"
+    assert not list((store / "dpo").glob("*/manifest.json"))
+    good = published(tmp_path)
+    assert set(key.split("/")[0] for key in good) == {"data_prep", "sft"}
+
+    state = run_flow(tmp_path, stages=["dpo"])
+    assert state.is_completed(), state.message
+    assert cached_by_stage(state) == {"data_prep": True, "sft": True, "dpo": False}
+    assert all(published(tmp_path)[key] == when for key, when in good.items())
+
+
+def test_kill_during_dpo_then_resume_from_checkpoint(tmp_path):
+    """Kill the whole run once DPO has written a checkpoint; the re-run resumes DPO from it."""
+    long_dpo = ["--stages", "dpo", "--set", "dpo.max_steps=400", "--set", "dpo.save_steps=2"]
+    process = cli(tmp_path, *long_dpo, start_new_session=True)
+    deadline = time.time() + 300
+    checkpoint = None
+    while time.time() < deadline and checkpoint is None:
+        checkpoint = next(iter((tmp_path / "store" / "dpo").glob("*.partial/checkpoints/checkpoint-*/trainer_state.json")), None)
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.5)
+    assert checkpoint is not None, "DPO wrote no checkpoint within 5 minutes"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    rerun = cli(tmp_path, *long_dpo)
+    out, err = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, err[-3000:]
+    summary = last_json_line(out)
+    assert {name: stage["cached"] for name, stage in summary["stages"].items()} == {"data_prep": True, "sft": True, "dpo": False}
+    manifest = json.loads((Path(summary["stages"]["dpo"]["path"]) / "manifest.json").read_text())
+    assert manifest["metrics"]["resumed_from_checkpoint"] is True
+
+
+def test_config_change_reruns_only_descendants(harness, tmp_path):
+    assert run_flow(tmp_path).is_completed()
+    before = published(tmp_path)
+    state = run_flow(tmp_path, overrides=["dpo.beta=0.3"])
+    assert state.is_completed()
+    assert cached_by_stage(state) == {"data_prep": True, "sft": True, "reward": True, "ppo": True, "dpo": False, "evaluate": False}
+    after = published(tmp_path)
+    assert all(after[key] == when for key, when in before.items())
+    assert sorted(key.split("/")[0] for key in set(after) - set(before)) == ["dpo", "evaluate"]
+
+
+def test_corrupted_or_deleted_output_is_retrained(harness, tmp_path):
+    first = run_flow(tmp_path, stages=["reward"])
+    assert first.is_completed()
+    reward_dir = Path(first.result()["stages"]["reward"]["path"])
+    good_weights = load_file(reward_dir / "model.safetensors")
+    (reward_dir / "model.safetensors").write_bytes(b"corrupted")
+    sft_dir = Path(first.result()["stages"]["sft"]["path"])
+    (sft_dir / "manifest.json").unlink()
+
+    state = run_flow(tmp_path, stages=["reward"])
+    assert state.is_completed()
+    assert cached_by_stage(state) == {"data_prep": True, "sft": False, "reward": False}
+    rebuilt = load_file(reward_dir / "model.safetensors")
+    assert rebuilt.keys() == good_weights.keys()
+
+
+def test_force_reruns_stage_and_descendants(harness, tmp_path):
+    assert run_flow(tmp_path, stages=["reward"]).is_completed()
+    state = run_flow(tmp_path, stages=["reward"], force=["sft"])
+    assert state.is_completed()
+    assert cached_by_stage(state) == {"data_prep": True, "sft": False, "reward": False}
+
+
+def test_dry_run_trains_nothing(tmp_path, capsys):
+    code = main(["--preset", "tiny", "--output-root", str(tmp_path), "--dry-run", "--stages", "dpo"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["status"] == "dry-run"
+    assert set(summary["stages"]) == {"data_prep", "sft", "dpo"}
+    assert not (tmp_path / "store").exists()
+    assert all("will run" in line for line in lines[:-1])
+
+
+def test_bad_config_fails_before_any_work(tmp_path, capsys):
+    code = main(["--preset", "tiny", "--output-root", str(tmp_path), "--set", "dpo.beta=-1"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "dpo.beta" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["status"] == "invalid"
+    assert not (tmp_path / "store").exists()
+
+
+def test_two_concurrent_runs_train_each_stage_once(tmp_path):
+    """Two processes, same inputs: one trains each stage, the other waits and reuses it."""
+    processes = [cli(tmp_path, "--stages", "reward") for _ in range(2)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    summaries = [last_json_line(out) for out, _ in outputs]
+    for stage in ("data_prep", "sft", "reward"):
+        trained_by = [not summary["stages"][stage]["cached"] for summary in summaries]
+        assert trained_by.count(True) == 1, (stage, trained_by)

@@ -1,0 +1,133 @@
+"""Base models, tokenizers and top-k freezing on the tiny 4-layer Llama."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline_lib.config import ModelSection
+from pipeline_lib.models import (
+    CHATML_TEMPLATE,
+    ModelError,
+    _download_hub_model,
+    base_model_fingerprint,
+    freeze_all_but_top_k,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    materialize_base_model,
+    num_decoder_layers,
+)
+
+# tiny-random-llama by hand: hidden 64, MLP 128, 4 query heads and 2 key/value heads of 16.
+ATTENTION = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64  # q, k, v, o
+MLP = 3 * 64 * 128  # gate, up, down
+LAYER = ATTENTION + MLP + 2 * 64  # + two RMSNorms
+FINAL_NORM = 64
+
+
+def trainable_names(model) -> set[str]:
+    return {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def test_top_k_zero_trains_the_whole_model(tiny_base_model: Path) -> None:
+    model = load_causal_lm(tiny_base_model)
+    counts = freeze_all_but_top_k(model, 0)
+    assert counts["trainable_parameters"] == counts["total_parameters"]
+    assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_top_k_two_trains_the_last_two_layers_and_final_norm(tiny_base_model: Path) -> None:
+    model = load_causal_lm(tiny_base_model)
+    vocabulary = model.config.vocab_size
+
+    counts = freeze_all_but_top_k(model, 2)
+
+    assert counts == {
+        "trainable_parameters": 2 * LAYER + FINAL_NORM,
+        # the LM head is tied to the embeddings: counted once
+        "total_parameters": vocabulary * 64 + 4 * LAYER + FINAL_NORM,
+    }
+    trainable = trainable_names(model)
+    assert {name.split(".")[2] for name in trainable if ".layers." in name} == {"2", "3"}
+    assert "model.norm.weight" in trainable
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert not model.lm_head.weight.requires_grad
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_sequence_classifier_score_head_trains_with_the_top_layers(tiny_base_model: Path) -> None:
+    tokenizer = load_tokenizer(tiny_base_model)
+    model = load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id)
+
+    counts = freeze_all_but_top_k(model, 2)
+
+    assert counts["trainable_parameters"] == 2 * LAYER + FINAL_NORM + 64  # score: 64 -> 1, no bias
+    assert "score.weight" in trainable_names(model)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_top_k_above_the_layer_count_is_rejected(tiny_base_model: Path) -> None:
+    model = load_causal_lm(tiny_base_model)
+    with pytest.raises(ModelError, match="top_k=5 is above the model's 4 decoder layers"):
+        freeze_all_but_top_k(model, 5)
+    assert num_decoder_layers(tiny_base_model) == 4
+
+
+def test_tiny_base_model_is_reused_not_rebuilt(tiny_base_model: Path) -> None:
+    model_section = ModelSection(name="tiny-random-llama")
+    before = (tiny_base_model / "model.safetensors").stat().st_mtime_ns
+    assert materialize_base_model(model_section, tiny_base_model.parent, corpus=[]) == tiny_base_model
+    assert (tiny_base_model / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_local_directory_is_used_as_the_base_model(tiny_base_model: Path, tmp_path: Path) -> None:
+    local = tmp_path / "my-model"
+    shutil.copytree(tiny_base_model, local)
+
+    model_section = ModelSection(name=str(local))
+
+    assert materialize_base_model(model_section, tmp_path / "cache") == local
+    assert load_causal_lm(local).config.num_hidden_layers == 4
+    fingerprint = base_model_fingerprint(model_section)
+    (local / "generation_config.json").write_text("{}")
+    assert base_model_fingerprint(model_section) != fingerprint, "a changed file changes the fingerprint"
+
+
+def test_hub_loading_path_on_a_local_directory(tiny_base_model: Path, tmp_path: Path) -> None:
+    # from_pretrained takes a hub id or a path alike: this runs the download branch offline.
+    target = _download_hub_model(ModelSection(name=str(tiny_base_model)), tmp_path / "cache" / "copy")
+
+    assert (target / "config.json").is_file()
+    copied, original = load_file(target / "model.safetensors"), load_file(tiny_base_model / "model.safetensors")
+    assert copied.keys() == original.keys()
+    assert all(torch.equal(copied[name], original[name]) for name in original)
+    assert load_tokenizer(target).get_vocab() == load_tokenizer(tiny_base_model).get_vocab()
+    assert not (tmp_path / "cache" / "copy.partial").exists()
+
+
+def test_directory_without_config_json_is_rejected(tmp_path: Path) -> None:
+    not_a_model = tmp_path / "weights-only"
+    not_a_model.mkdir()
+    (not_a_model / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"model\.name: .*weights-only is a directory without config\.json"):
+        materialize_base_model(ModelSection(name=str(not_a_model)), tmp_path / "cache")
+
+
+def test_tiny_tokenizer_has_a_pad_token_and_a_chatml_template(tiny_base_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(tiny_base_model)  # what was written, before load_tokenizer's fallbacks
+    assert saved.chat_template == CHATML_TEMPLATE
+    assert saved.pad_token == "<|endoftext|>" and saved.pad_token_id != saved.eos_token_id
+    assert saved.eos_token == "<|im_end|>"
+
+    tokenizer = load_tokenizer(tiny_base_model)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    text = "Write a one-sentence review of the movie 'Silent Harbor'."
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text

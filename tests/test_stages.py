@@ -1,0 +1,261 @@
+"""Every stage on the tiny preset: losses logged, the right weights trained, outputs that load.
+
+The whole chain data_prep -> sft -> reward -> dpo -> ppo -> evaluate runs once per session
+(seconds per stage); each test checks one stage's output. Failure rescue and resume run
+SFT on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from pipeline_lib.config import PipelineConfig, load_config
+from pipeline_lib.models import load_causal_lm, load_tokenizer
+from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft, training
+
+EVAL_METRICS = {"reward_model_mean", "win_rate_vs_sft", "oracle_mean", "kl_to_sft_mean", "mean_length_words", "distinct_2"}
+
+
+@dataclass
+class TinyPipeline:
+    config: PipelineConfig
+    base: Path
+    data: Path
+    outputs: dict[str, Path]
+    metrics: dict[str, dict[str, Any]]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
+    root = tmp_path_factory.mktemp("pipeline")
+    config = load_config("tiny", overrides=[f"output_root={root}"], env_file=None)
+    data, out = root / "data_prep", {name: root / name for name in ("sft", "reward", "dpo", "ppo", "evaluate")}
+    metrics = {"data_prep": data_prep.run(config, None, data)}
+    metrics["sft"] = sft.run(config, tiny_base_model, data, out["sft"])
+    metrics["reward"] = reward.run(config, out["sft"], data, out["reward"])
+    metrics["dpo"] = dpo.run(config, out["sft"], data, out["dpo"])
+    metrics["ppo"] = ppo.run(config, out["sft"], out["reward"], data, out["ppo"])
+    policies = {"base": tiny_base_model, "sft": out["sft"], "dpo": out["dpo"], "ppo": out["ppo"]}
+    metrics["evaluate"] = evaluate.run(config, policies, out["reward"], data, out["evaluate"])
+    return TinyPipeline(config, tiny_base_model, data, out, metrics)
+
+
+def decoder_layer(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def assert_only_top_layers_changed(before_dir: Path, after_dir: Path) -> None:
+    """top_k=2 of 4 layers: embeddings and layers 0-1 untouched, every tensor of layers 2-3 and the final norm moved."""
+    before, after = load_file(before_dir / "model.safetensors"), load_file(after_dir / "model.safetensors")
+    shared = sorted(set(before) & set(after))
+    assert "model.embed_tokens.weight" in shared and len(shared) == len(before)
+    for name in shared:
+        frozen = name == "model.embed_tokens.weight" or decoder_layer(name) in (0, 1)
+        if frozen:
+            assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+        else:
+            assert not torch.equal(before[name], after[name]), f"trainable {name} did not change"
+
+
+def logged(output_dir: Path) -> list[dict]:
+    return json.loads((output_dir / "log_history.json").read_text())
+
+
+def assert_loss_logged(output_dir: Path, key: str = "loss") -> None:
+    losses = [entry[key] for entry in logged(output_dir) if key in entry]
+    assert losses, f"no {key!r} in {output_dir / 'log_history.json'}"
+    assert all(math.isfinite(value) for value in losses)
+
+
+def assert_model_card(output_dir: Path, *lineage: Path) -> None:
+    card = (output_dir / "README.md").read_text()
+    for path in lineage:
+        assert f"`{path}`" in card
+
+
+def assert_causal_lm_loads(output_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(output_dir, use_safetensors=True)
+    tokenizer = load_tokenizer(output_dir)
+    ids = tokenizer("I loved the movie.", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_sft_trains_the_top_layers(tiny_pipeline: TinyPipeline) -> None:
+    output, metrics = tiny_pipeline.outputs["sft"], tiny_pipeline.metrics["sft"]
+    assert_loss_logged(output)
+    assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["eval_loss"])
+    assert metrics["resumed_from_checkpoint"] is False
+    assert_only_top_layers_changed(tiny_pipeline.base, output)
+    assert_causal_lm_loads(output)
+    assert_model_card(output, tiny_pipeline.base, tiny_pipeline.data)
+
+
+def test_reward_model_trains_top_layers_and_score_head(tiny_pipeline: TinyPipeline) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    output, metrics = tiny_pipeline.outputs["reward"], tiny_pipeline.metrics["reward"]
+    assert_loss_logged(output)
+    assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], output)
+    assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0 and metrics["eval_pairs"] == 8
+    model = AutoModelForSequenceClassification.from_pretrained(output, use_safetensors=True)
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    assert model.score.weight.shape == (1, 64)
+    assert_model_card(output, tiny_pipeline.outputs["sft"], tiny_pipeline.data)
+
+
+def test_dpo_trains_the_top_layers(tiny_pipeline: TinyPipeline) -> None:
+    output, metrics = tiny_pipeline.outputs["dpo"], tiny_pipeline.metrics["dpo"]
+    assert_loss_logged(output)
+    assert any("rewards/margins" in entry for entry in logged(output))
+    assert metrics["final_reward_margin"] is not None
+    assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], output)
+    assert_causal_lm_loads(output)
+    assert_model_card(output, tiny_pipeline.outputs["sft"], tiny_pipeline.data)
+
+
+def test_ppo_trains_the_policy_top_layers(tiny_pipeline: TinyPipeline) -> None:
+    output, metrics = tiny_pipeline.outputs["ppo"], tiny_pipeline.metrics["ppo"]
+    assert_loss_logged(output, "loss/policy_avg")
+    assert_loss_logged(output, "loss/value_avg")
+    assert metrics["logged_losses"] >= 1 and metrics["final_reward_model_score"] is not None
+    # The saved model is the policy alone, a causal LM with the SFT model's tensors.
+    assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], output)
+    assert_causal_lm_loads(output)
+    assert_model_card(output, tiny_pipeline.outputs["sft"], tiny_pipeline.outputs["reward"], tiny_pipeline.data)
+
+
+def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: TinyPipeline) -> None:
+    output = tiny_pipeline.outputs["evaluate"]
+    policies = ["base", "sft", "dpo", "ppo"]
+
+    results = json.loads((output / "eval.json").read_text())
+    assert list(results["policies"]) == policies
+    for name in policies:
+        assert set(results["policies"][name]) == EVAL_METRICS, name
+    assert results["held_out_prompts"] == 8 and results["held_out_pairs"] == 8
+    assert results["oracle"] == "vader"
+    # SFT is the reference: against itself it ties every prompt and has no KL.
+    assert results["policies"]["sft"]["win_rate_vs_sft"] == 0.5
+    assert results["policies"]["sft"]["kl_to_sft_mean"] == 0.0
+
+    generations = data_prep.read_jsonl(output / "generations.jsonl")
+    prompts = [row["prompt"] for row in data_prep.read_jsonl(tiny_pipeline.data / "prompts_eval.jsonl")]
+    assert sorted((row["prompt"], row["policy"]) for row in generations) == sorted(
+        (prompt, policy) for prompt in prompts for policy in policies
+    )
+
+    report = (output / "report.md").read_text()
+    for name in policies:
+        assert f"| {name} |" in report
+    assert "(eval.png)" in report
+    assert (output / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tiny_pipeline.metrics["evaluate"]["sft/win_rate_vs_sft"] == 0.5
+
+
+# --- failure rescue and resume -------------------------------------------------------
+
+
+class CrashAfterStep(TrainerCallback):
+    """Raise once the trainer has finished ``step`` optimizer steps."""
+
+    def __init__(self, step: int, error: BaseException):
+        self.step, self.error = step, error
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > self.step:
+            raise self.error
+
+
+class RecordSteps(TrainerCallback):
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def tiny_trainer(model_dir: Path, out_dir: Path, callback: TrainerCallback):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    tokenizer = load_tokenizer(model_dir)
+    ids = tokenizer("I loved the movie; it was wonderful.", add_special_tokens=False)["input_ids"]
+    dataset = Dataset.from_list([{"input_ids": ids, "labels": ids}] * 8)
+    args = TrainingArguments(
+        output_dir=str(out_dir / training.CHECKPOINT_DIR), max_steps=4, per_device_train_batch_size=2,
+        learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    return Trainer(model=load_causal_lm(model_dir), args=args, train_dataset=dataset, callbacks=[callback])
+
+
+@pytest.mark.parametrize(
+    "error, raised",
+    [(RuntimeError("simulated crash"), training.StageFailed), (KeyboardInterrupt(), KeyboardInterrupt)],
+    ids=["exception", "keyboard-interrupt"],
+)
+def test_failed_training_saves_the_partial_model_and_names_the_stage(
+    tiny_base_model: Path, tmp_path: Path, error: BaseException, raised: type
+) -> None:
+    trainer = tiny_trainer(tiny_base_model, tmp_path, CrashAfterStep(1, error))
+
+    with pytest.raises(raised) as failure:
+        training.train_resumable("sft", trainer, tmp_path)
+
+    if raised is training.StageFailed:
+        assert str(failure.value) == "sft failed: RuntimeError: simulated crash"
+        assert failure.value.__cause__ is error
+    rescued = tmp_path / "failed" / "model" / "model.safetensors"
+    assert rescued.is_file()
+    partial, base = load_file(rescued), load_file(tiny_base_model / "model.safetensors")
+    assert not torch.equal(partial["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"]), (
+        "the rescued model holds the steps trained before the crash"
+    )
+    report = json.loads((tmp_path / "failed" / "error.json").read_text())
+    assert report["stage"] == "sft" and type(error).__name__ in report["error"]
+    assert not (tmp_path / "model.safetensors").exists(), "a failed stage never writes its output in place"
+
+
+def test_interrupted_sft_resumes_and_matches_an_uninterrupted_run(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_pipeline.config
+    assert (config.sft.max_steps, config.sft.save_steps) == (4, 2)
+    train_resumable = training.train_resumable
+
+    def with_callback(callback: TrainerCallback):
+        def train(stage, trainer, out_dir, resume=True):
+            trainer.add_callback(callback)
+            return train_resumable(stage, trainer, out_dir, resume)
+
+        return train
+
+    crash = CrashAfterStep(2, RuntimeError("simulated interruption"))
+    monkeypatch.setattr(training, "train_resumable", with_callback(crash))
+    with pytest.raises(training.StageFailed, match="sft failed: RuntimeError: simulated interruption"):
+        sft.run(config, tiny_pipeline.base, tiny_pipeline.data, tmp_path)
+    assert training.latest_checkpoint(tmp_path).endswith("checkpoint-2")
+
+    steps = RecordSteps()
+    monkeypatch.setattr(training, "train_resumable", with_callback(steps))
+    metrics = sft.run(config, tiny_pipeline.base, tiny_pipeline.data, tmp_path)
+
+    assert metrics["resumed_from_checkpoint"] is True
+    assert steps.steps == [3, 4], "the second run continues after checkpoint-2 instead of starting over"
+    assert [entry["step"] for entry in logged(tmp_path) if "loss" in entry] == [1, 2, 3, 4]
+    resumed = load_file(tmp_path / "model.safetensors")
+    uninterrupted = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
