@@ -132,10 +132,29 @@ def publish_artifacts(plan: Plan, results: dict[str, StageResult]) -> None:
     create_markdown_artifact("\n".join(markdown), key="rlhf-report", description="Evaluation and lineage of every output")
 
 
+STAGE_WORKERS = 2
+
+
+def _share_cores_between_workers(workers: int) -> None:
+    """Give each worker its share of the cores: two stages that each start one OpenMP
+    thread per core oversubscribe the machine, and spin-waiting threads then make CPU
+    training several times slower."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 # Stages run in worker processes: torch's RNG and transformers' model loading are
 # process-global, so two stages sharing a process (threads) would race and lose
 # determinism; processes also hand each stage's memory back when it ends.
-@flow(name="rlhf", task_runner=ProcessPoolTaskRunner(max_workers=2))
+@flow(
+    name="rlhf",
+    task_runner=ProcessPoolTaskRunner(
+        max_workers=STAGE_WORKERS, initializer=_share_cores_between_workers, initargs=(STAGE_WORKERS,)
+    ),
+)
 def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     """Run the RLHF pipeline; returns each stage's key, path, cache state and the evaluation."""
     logger = get_run_logger()

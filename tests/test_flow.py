@@ -118,7 +118,7 @@ def test_failed_middle_stage_then_fixed(harness, tmp_path):
 
 def test_kill_during_dpo_then_resume_from_checkpoint(tmp_path):
     """Kill the whole run once DPO has written a checkpoint; the re-run resumes DPO from it."""
-    long_dpo = ["--stages", "dpo", "--set", "dpo.max_steps=400", "--set", "dpo.save_steps=2"]
+    long_dpo = ["--stages", "dpo", "--set", "dpo.max_steps=100", "--set", "dpo.save_steps=2"]
     process = cli(tmp_path, *long_dpo, start_new_session=True)
     deadline = time.time() + 300
     checkpoint = None

@@ -1,0 +1,149 @@
+"""Benchmark every pipeline stage directly (no Prefect): wall time, peak memory, key metrics.
+
+Runs, in order and each into its own directory under the output root:
+materialize_base_model -> data_prep -> sft -> reward -> dpo -> ppo -> evaluate
+(policies base/sft/dpo/ppo). Each stage runs in a fresh child process (multiprocessing,
+spawn), so its peak RSS is its own: the child reports getrusage(RUSAGE_SELF).ru_maxrss,
+which includes importing torch/transformers/TRL (about 0.5-0.7 GiB of the figure).
+Stage directories are wiped first, so trainers never resume from an earlier run's
+checkpoints; the converted base model under ROOT/models is kept and reused.
+
+Prints a table (stage, wall seconds, peak RSS MiB, key metrics), then the eval table
+from evaluate/eval.json; ROOT/bench.json is rewritten after every stage. --from-stage
+reruns from that stage on, reusing the earlier stages' directories.
+
+    . .venv/bin/activate
+    python benchmarks/stages.py                                   # default preset, .data/bench
+    python benchmarks/stages.py --preset tiny --output-root /tmp/b --set tracking.mode=disabled
+    python benchmarks/stages.py --set dpo.beta=0.2 --set ppo.total_episodes=128
+    python benchmarks/stages.py --from-stage dpo --config my.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from queue import Empty
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("base_model", "data_prep", "sft", "reward", "dpo", "ppo", "evaluate")
+KEY_METRICS = {
+    "data_prep": ("rows_pairs_train", "rows_pairs_eval", "sample_oracle_mean", "held_out_sample_oracle_mean"),
+    "sft": ("train_loss", "eval_loss", "trainable_parameters"),
+    "reward": ("train_loss", "pairwise_accuracy_before", "pairwise_accuracy"),
+    "dpo": ("train_loss", "final_reward_margin", "final_reward_accuracy"),
+    "ppo": ("first_reward_model_score", "final_reward_model_score", "final_kl"),
+    "evaluate": ("reward_model_pairwise_accuracy", "sft/oracle_mean", "dpo/oracle_mean", "ppo/oracle_mean"),
+}
+
+
+def _stage(name: str, cfg, root: Path):
+    from pipeline_lib.data import sentiment_task
+    from pipeline_lib.models import materialize_base_model
+    from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft
+
+    base = materialize_base_model(cfg.model, root / "models", sentiment_task.corpus())
+    d = {stage: root / stage for stage in STAGES[1:]}
+    if name == "base_model":
+        return {"path": str(base)}
+    if name == "data_prep":
+        return data_prep.run(cfg, base, d["data_prep"])
+    if name == "sft":
+        return sft.run(cfg, base, d["data_prep"], d["sft"])
+    if name == "reward":
+        return reward.run(cfg, d["sft"], d["data_prep"], d["reward"])
+    if name == "dpo":
+        return dpo.run(cfg, d["sft"], d["data_prep"], d["dpo"])
+    if name == "ppo":
+        return ppo.run(cfg, d["sft"], d["reward"], d["data_prep"], d["ppo"])
+    policies = {"base": base, "sft": d["sft"], "dpo": d["dpo"], "ppo": d["ppo"]}
+    return evaluate.run(cfg, policies, d["reward"], d["data_prep"], d["evaluate"])
+
+
+def _child(name: str, cfg, root: Path, queue) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(name)s: %(message)s")
+    try:
+        metrics, error = _stage(name, cfg, root), None
+    except BaseException:  # report and let the parent decide
+        metrics, error = {}, traceback.format_exc()
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    queue.put({"metrics": metrics, "error": error, "peak_rss_mib": rss_mib})
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--output-root", type=Path, default=Path(".data/bench"))
+    parser.add_argument("--config", type=Path, help="YAML file layered over the preset (load_config's config_file)")
+    parser.add_argument("--from-stage", choices=STAGES, default=STAGES[0], help="reuse the outputs of earlier stages")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    args = parser.parse_args()
+    from pipeline_lib.config import load_config
+
+    root = args.output_root.resolve()
+    cfg = load_config(args.preset, args.config, overrides=[*args.overrides, f"output_root={root}"])
+    todo = STAGES[STAGES.index(args.from_stage) :]
+    for stage in todo[1:] if todo[0] == "base_model" else todo:
+        shutil.rmtree(root / stage, ignore_errors=True)
+    ctx = mp.get_context("spawn")
+    rows, start_all = [], time.perf_counter()
+    for name in todo:
+        queue = ctx.Queue()
+        start = time.perf_counter()
+        process = ctx.Process(target=_child, args=(name, cfg, root, queue))
+        process.start()
+        while True:  # read before join (a full pipe would block the child); notice a killed child
+            try:
+                result = queue.get(timeout=2)
+                break
+            except Empty:
+                if not process.is_alive():
+                    result = {"metrics": {}, "error": f"child died, exit code {process.exitcode}", "peak_rss_mib": 0.0}
+                    break
+        process.join()
+        result["wall_s"] = time.perf_counter() - start
+        rows.append({"stage": name, **result})
+        print(f"== {name}: {result['wall_s']:.1f} s, {result['peak_rss_mib']:.0f} MiB", flush=True)
+        summary = {"preset": args.preset, "config": str(args.config), "overrides": args.overrides, "stages": rows}
+        (root / "bench.json").write_text(json.dumps(summary, indent=2, default=str))
+        if result["error"]:
+            print(result["error"], file=sys.stderr)
+            break
+    total = time.perf_counter() - start_all
+
+    print(f"\npreset={args.preset} config={args.config} overrides={args.overrides}")
+    print(f"{'stage':<11}{'wall s':>8}{'peak MiB':>10}  key metrics")
+    for row in rows:
+        keys = KEY_METRICS.get(row["stage"], ())
+        shown = ", ".join(f"{k}={_fmt(row['metrics'].get(k))}" for k in keys) or ("FAILED" if row["error"] else "")
+        print(f"{row['stage']:<11}{row['wall_s']:>8.1f}{row['peak_rss_mib']:>10.0f}  {shown}")
+    print(f"{'total':<11}{total:>8.1f}")
+    eval_json = root / "evaluate" / "eval.json"
+    if eval_json.is_file():
+        results = json.loads(eval_json.read_text())
+        policies = results["policies"]
+        metrics = list(next(iter(policies.values())))
+        print(f"\nreward model pairwise accuracy: {results['reward_model_pairwise_accuracy']:.3f} "
+              f"({results['held_out_pairs']} held-out pairs, {results['held_out_prompts']} prompts)")
+        print(f"{'policy':<8}" + "".join(f"{m:>20}" for m in metrics))
+        for name, row in policies.items():
+            print(f"{name:<8}" + "".join(f"{_fmt(row[m]):>20}" for m in metrics))
+    return 1 if rows[-1]["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
