@@ -49,3 +49,21 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory of the seeded 4-layer Llama and its tokenizer; tests must not write into it."""
     model_section = load_config("tiny", env_file=None).model
     return materialize_base_model(model_section, tmp_path_factory.mktemp("models"), sentiment_task.corpus())
+
+
+# --- A real Prefect server and the served rlhf/retrain deployment (test_deployments, test_ui);
+# one of each per session, helpers in tests/conftest_server.py.
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    from conftest_server import running_server
+
+    with running_server(tmp_path_factory.mktemp("prefect-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def retrain_service(prefect_server, tmp_path_factory: pytest.TempPathFactory):
+    from conftest_server import served_retrain
+
+    with served_retrain(prefect_server, tmp_path_factory.mktemp("retrain")) as served:
+        yield served
