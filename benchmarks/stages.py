@@ -10,13 +10,14 @@ checkpoints; the converted base model under ROOT/models is kept and reused.
 
 Prints a table (stage, wall seconds, peak RSS MiB, key metrics), then the eval table
 from evaluate/eval.json; ROOT/bench.json is rewritten after every stage. --from-stage
-reruns from that stage on, reusing the earlier stages' directories.
+reruns from that stage on, reusing earlier stages' outputs; --resume keeps stage directories
+(trainers then resume from their checkpoints, so wall times cover only the remainder).
 
     . .venv/bin/activate
     python benchmarks/stages.py                                   # default preset, .data/bench
     python benchmarks/stages.py --preset tiny --output-root /tmp/b --set tracking.mode=disabled
     python benchmarks/stages.py --set dpo.beta=0.2 --set ppo.total_episodes=128
-    python benchmarks/stages.py --from-stage dpo --config my.yaml
+    python benchmarks/stages.py --from-stage dpo --resume --config my.yaml
 """
 
 from __future__ import annotations
@@ -52,10 +53,8 @@ def _stage(name: str, cfg, root: Path):
 
     base = materialize_base_model(cfg.model, root / "models", sentiment_task.corpus())
     d = {stage: root / stage for stage in STAGES[1:]}
-    if name == "base_model":
-        return {"path": str(base)}
-    if name == "data_prep":
-        return data_prep.run(cfg, base, d["data_prep"])
+    if name in ("base_model", "data_prep"):
+        return {"path": str(base)} if name == "base_model" else data_prep.run(cfg, base, d["data_prep"])
     if name == "sft":
         return sft.run(cfg, base, d["data_prep"], d["sft"])
     if name == "reward":
@@ -90,6 +89,7 @@ def main() -> int:
     parser.add_argument("--output-root", type=Path, default=Path(".data/bench"))
     parser.add_argument("--config", type=Path, help="YAML file layered over the preset (load_config's config_file)")
     parser.add_argument("--from-stage", choices=STAGES, default=STAGES[0], help="reuse the outputs of earlier stages")
+    parser.add_argument("--resume", action="store_true", help="keep stage directories: trainers resume from checkpoints")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args()
     from pipeline_lib.config import load_config
@@ -97,7 +97,7 @@ def main() -> int:
     root = args.output_root.resolve()
     cfg = load_config(args.preset, args.config, overrides=[*args.overrides, f"output_root={root}"])
     todo = STAGES[STAGES.index(args.from_stage) :]
-    for stage in todo[1:] if todo[0] == "base_model" else todo:
+    for stage in [] if args.resume else [s for s in todo if s != "base_model"]:
         shutil.rmtree(root / stage, ignore_errors=True)
     ctx = mp.get_context("spawn")
     rows, start_all = [], time.perf_counter()
