@@ -138,7 +138,8 @@ STAGE_WORKERS = 2
 def _share_cores_between_workers(workers: int) -> None:
     """Give each worker its share of the cores: two stages that each start one OpenMP
     thread per core oversubscribe the machine, and spin-waiting threads then make CPU
-    training several times slower."""
+    training several times slower. This is each worker's start; while a stage runs,
+    ``pipeline_lib.cores`` re-balances as neighbours start and finish."""
     import os
 
     import torch

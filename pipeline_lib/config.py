@@ -43,6 +43,11 @@ class ModelSection(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub repository. Off unless you trust it.")
+    system_prompt: str | None = Field(
+        None,
+        description="System message before every prompt, in every stage; unset keeps the chat template's own "
+        "default (SmolLM2's adds a 16-token one), '' sends an empty one.",
+    )
 
 
 class DataSection(Section):
@@ -75,6 +80,12 @@ class DataSection(Section):
     )
     samples_per_prompt: int = Field(4, ge=2, le=16, description="Embedded task: samples drawn per prompt to form a pair.")
     pair_margin: float = Field(0.3, ge=0, le=2, description="Embedded task: minimum oracle-score gap between chosen and rejected.")
+    pairs_per_prompt: int = Field(
+        1, ge=1, le=120, description="Embedded task: DPO pairs kept per prompt, widest oracle gap first (1 = best against worst)."
+    )
+    reward_pairs_per_prompt: int = Field(
+        1, ge=1, le=120, description="Embedded task: reward-model pairs kept per prompt, widest oracle gap first."
+    )
     sample_max_new_tokens: int = Field(40, ge=4, le=512, description="Embedded task: length limit of sampled responses.")
     sample_temperature: float = Field(1.0, gt=0, le=2, description="Embedded task: sampling temperature for pair generation.")
 
@@ -99,12 +110,20 @@ class SFTSection(TrainSection):
 
 
 class RewardSection(TrainSection):
-    pass
+    num_layers: int = Field(
+        0,
+        ge=0,
+        description="Keep only the bottom N decoder layers of SFT in the reward model, and so in PPO's value model "
+        "(0 = all): a shallower reward model costs less in reward training and in every PPO rollout.",
+    )
 
 
 class DPOSection(TrainSection):
     beta: float = Field(0.1, gt=0, le=10, description="DPO temperature: how far the policy may move from the reference.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant (TRL's loss_type).")
+    precompute_ref_log_probs: bool = Field(
+        True, description="Score the reference once before training instead of at every step (saves a forward pass per step after the first epoch)."
+    )
 
 
 class PPOSection(TrainSection):
@@ -255,11 +274,16 @@ def load_config(
 
 
 def check_top_k(config: PipelineConfig, num_layers: int) -> None:
-    """Reject a top_k larger than the base model's decoder layer count."""
+    """Reject a top_k (or reward.num_layers) larger than the base model's decoder layer count."""
+    if config.reward.num_layers > num_layers:
+        raise ConfigError(f"reward.num_layers: {config.reward.num_layers} is above the base model's {num_layers} decoder layers")
+    reward_layers = config.reward.num_layers or num_layers
     for stage in ("sft", "reward", "dpo", "ppo"):
         top_k = getattr(config, stage).top_k
-        if top_k > num_layers:
-            raise ConfigError(f"{stage}.top_k: {top_k} is above the base model's {num_layers} decoder layers")
+        # The reward model, and PPO's value model made from it, have reward.num_layers layers.
+        available = reward_layers if stage in ("reward", "ppo") else num_layers
+        if top_k > available:
+            raise ConfigError(f"{stage}.top_k: {top_k} is above the {available} decoder layers it trains")
 
 
 def env_example() -> str:

@@ -5,10 +5,29 @@ from __future__ import annotations
 import torch
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation every stage sends: an optional system message, then the prompt.
+    ``None`` leaves the system turn to the chat template's default."""
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        chat_messages(prompt, system_prompt), add_generation_prompt=True, tokenize=True, return_dict=False
     )
+
+
+def response_ids(tokenizer, response: str) -> list[int]:
+    """A response's tokens closed by end-of-sequence, as a policy emits them."""
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def scored_sequence_ids(tokenizer, prompt: str, response: str, system_prompt: str | None = None) -> list[int]:
+    """Chat prompt + response + EOS: the exact tokens PPO's rollouts hold when the reward
+    model scores them. Reward training, reward scoring and log-probabilities all use this
+    one layout, so the reward is read at the same position (the EOS) everywhere."""
+    return chat_prompt_ids(tokenizer, prompt, system_prompt) + response_ids(tokenizer, response)
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,6 +50,7 @@ def generate_responses(
     num_return_sequences: int = 1,
     batch_size: int = 16,
     seed: int = 0,
+    system_prompt: str | None = None,
 ) -> list[list[str]]:
     """``num_return_sequences`` responses per prompt; greedy when temperature is 0."""
     model.eval()
@@ -38,7 +58,7 @@ def generate_responses(
     results: list[list[str]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
-        ids, mask = _left_pad([chat_prompt_ids(tokenizer, prompt) for prompt in batch], tokenizer.pad_token_id)
+        ids, mask = _left_pad([chat_prompt_ids(tokenizer, prompt, system_prompt) for prompt in batch], tokenizer.pad_token_id)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         output = model.generate(
             input_ids=ids,
@@ -57,34 +77,33 @@ def generate_responses(
 
 
 @torch.no_grad()
-def response_logprobs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
+def response_logprobs(
+    model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16, system_prompt: str | None = None
+) -> list[float]:
     """Sum over response tokens of log p(token | prompt, earlier tokens) under ``model``."""
     model.eval()
     totals: list[float] = []
     for start in range(0, len(prompts), batch_size):
-        prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        response_ids = [
-            tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            for r in responses[start : start + batch_size]
-        ]
-        ids, mask = _left_pad([p + r for p, r in zip(prompt_ids, response_ids)], tokenizer.pad_token_id)
+        prompt_ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in prompts[start : start + batch_size]]
+        answers = [response_ids(tokenizer, r) for r in responses[start : start + batch_size]]
+        ids, mask = _left_pad([p + r for p, r in zip(prompt_ids, answers)], tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for row, response in enumerate(response_ids):
+        for row, response in enumerate(answers):
             totals.append(float(logprobs[row, -len(response) :].sum()))
     return totals
 
 
 @torch.no_grad()
-def reward_scores(reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16) -> list[float]:
-    """Scalar reward of each (prompt, response) rendered with the chat template."""
+def reward_scores(
+    reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16, system_prompt: str | None = None
+) -> list[float]:
+    """Scalar reward of each (prompt, response), laid out as ``scored_sequence_ids``."""
     reward_model.eval()
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         sequences = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=True, return_dict=False
-            )
+            scored_sequence_ids(tokenizer, p, r, system_prompt)
             for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])
         ]
         # Right padding: sequence-classification heads read the last non-pad token.

@@ -205,11 +205,31 @@ def load_tokenizer(path: str | Path, revision: str | None = None, trust_remote_c
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = _distinct_pad_token(tokenizer)
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+PAD_CANDIDATES = ("<|endoftext|>", "<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+
+
+def _distinct_pad_token(tokenizer) -> str:
+    """A pad token other than EOS, taken from the tokenizer's own vocabulary.
+
+    Many chat models ship pad == EOS (SmolLM2: both ``<|im_end|>``). TRL's PPO treats
+    every pad id as padding, so such a pad masks the end-of-turn tokens inside chat
+    prompts and moves the position the reward is read at. An existing token keeps the
+    embedding matrix unchanged; EOS stays the pad only when the vocabulary has nothing else.
+    """
+    vocab = tokenizer.get_vocab()
+    candidates = [tokenizer.unk_token, *PAD_CANDIDATES]
+    for token in candidates:
+        if token and token in vocab and vocab[token] != tokenizer.eos_token_id:
+            return token
+    logger.warning("tokenizer has no token to pad with other than EOS %r; PPO will mask EOS in prompts", tokenizer.eos_token)
+    return tokenizer.eos_token
 
 
 def load_causal_lm(path: Path, trust_remote_code: bool = False):
@@ -221,12 +241,22 @@ def load_causal_lm(path: Path, trust_remote_code: bool = False):
     return model
 
 
-def load_sequence_classifier(path: Path, pad_token_id: int, trust_remote_code: bool = False):
-    """A scalar-head model (reward or value model) from a causal LM or reward-model directory."""
+def load_sequence_classifier(path: Path, pad_token_id: int, trust_remote_code: bool = False, num_layers: int = 0):
+    """A scalar-head model (reward or value model) from a causal LM or reward-model directory.
+
+    ``num_layers`` > 0 keeps only the bottom that many decoder layers (a shallower reward
+    model, cheaper to train and to run inside PPO); 0 keeps them all.
+    """
     from transformers import AutoModelForSequenceClassification
 
+    depth = {}
+    if num_layers:
+        available = num_decoder_layers(path)
+        if num_layers > available:
+            raise ModelError(f"reward.num_layers={num_layers} is above the model's {available} decoder layers")
+        depth = {"num_hidden_layers": num_layers}
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code, **depth
     )
     model.config.pad_token_id = pad_token_id
     return model

@@ -23,6 +23,7 @@ from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
+from pipeline_lib import cores
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.plan import store_for
 from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft
@@ -66,9 +67,10 @@ def execute(
         output = store.load(stage, key)
         return StageResult(stage=stage, key=key, path=str(output.path), metrics=output.manifest.get("metrics", {}), trained=False)
     work_dir = store.begin(stage, key)
-    logger.info("%s %s: running in %s", stage, key[:12], work_dir)
     started = time.time()
-    metrics = train(work_dir)
+    with cores.running(prefect_dir(config) / "running", stage) as threads:
+        logger.info("%s %s: running in %s (%d torch threads)", stage, key[:12], work_dir, threads)
+        metrics = train(work_dir)
     manifest = {
         "config": config.stage_section(stage),
         "upstream": {name: {"key": result.key, "path": result.path} for name, result in upstream.items()},

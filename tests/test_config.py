@@ -152,6 +152,16 @@ def test_top_k_above_the_layer_count_is_rejected() -> None:
         check_top_k(config, 4)
 
 
+def test_a_shallow_reward_model_bounds_reward_and_ppo_top_k() -> None:
+    config = load_config("tiny", env_file=None, overrides=["reward.num_layers=2", "reward.top_k=2", "ppo.top_k=2", "dpo.top_k=4"])
+    check_top_k(config, 4)
+    for stage in ("reward", "ppo"):
+        with pytest.raises(ConfigError, match=rf"{stage}\.top_k: 3 .* 2 decoder layers"):
+            check_top_k(config.model_copy(update={stage: getattr(config, stage).model_copy(update={"top_k": 3})}), 4)
+    with pytest.raises(ConfigError, match=r"reward\.num_layers: 5 .* 4 decoder layers"):
+        check_top_k(load_config("tiny", env_file=None, overrides=["reward.num_layers=5"]), 4)
+
+
 def test_online_tracking_needs_a_wandb_key(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"tracking\.mode.*WANDB_API_KEY"):
         load_config("tiny", env_file=None, overrides=["tracking.mode=online"])

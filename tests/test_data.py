@@ -364,3 +364,68 @@ def test_data_prep_on_a_local_file_splits_and_applies_percentages(tmp_path: Path
     assert data_prep.read_jsonl(tmp_path / "data" / "pairs_train.jsonl") == expected_train[:8]
     assert data_prep.read_jsonl(tmp_path / "data" / "reward_train.jsonl") == expected_train
     assert json.loads((tmp_path / "data" / "data_card.json").read_text())["schema"] == "prompt_chosen_rejected"
+
+
+def test_ranking_samples_keeps_the_widest_gaps_first() -> None:
+    samples = [
+        "It was wonderful, a real delight.",  # clearly positive
+        "It was fine.",
+        "It was awful and boring.",  # clearly negative
+        "It was awful and boring.",  # a duplicate is one sample
+        "It opened in May.",  # neutral: 0.0
+    ]
+    scores = {text: sentiment_task.oracle_score(text) for text in samples}
+    best, worst = max(scores, key=scores.get), min(scores, key=scores.get)
+
+    [only] = sentiment_task.rank_samples("p", samples, margin=0.3)
+    assert (only["chosen"], only["rejected"]) == (best, worst)
+    assert only["chosen_score"] - only["rejected_score"] == pytest.approx(scores[best] - scores[worst])
+
+    pairs = sentiment_task.rank_samples("p", samples, margin=0.3, max_pairs=10)
+    gaps = [pair["chosen_score"] - pair["rejected_score"] for pair in pairs]
+    assert gaps == sorted(gaps, reverse=True) and min(gaps) >= 0.3
+    assert len({(pair["chosen"], pair["rejected"]) for pair in pairs}) == len(pairs)
+    assert all(scores[pair["chosen"]] > scores[pair["rejected"]] for pair in pairs)
+    assert len(pairs) > 1  # 4 distinct samples with spread sentiment give several pairs
+    assert sentiment_task.rank_samples("p", ["Same.", "Same."], margin=0.0) == []
+
+
+def test_sampled_pairs_give_dpo_the_widest_pair_and_the_reward_model_every_pair(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pair_source=sample: the oracle ranks each prompt's samples; DPO gets (best, worst),
+    the reward model up to reward_pairs_per_prompt pairs, SFT the best sample once."""
+    from pipeline_lib import generation
+
+    samples = ["It was wonderful, a real delight.", "It was fine.", "It opened in May.", "It was awful and boring."]
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **options):
+        seen.update(options)
+        return [list(samples) for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate_responses", fake_generate)
+    monkeypatch.setattr("pipeline_lib.models.load_causal_lm", lambda path: None)
+    monkeypatch.setattr("pipeline_lib.models.load_tokenizer", lambda path: None)
+    config = tiny_config.model_copy(
+        update={
+            "data": tiny_config.data.model_copy(update={"pair_source": "sample", "pair_margin": 0.3, "reward_pairs_per_prompt": 6}),
+            "model": tiny_config.model.model_copy(update={"system_prompt": ""}),
+        }
+    )
+    out_dir = tmp_path / "data"
+    data_prep.run(config, tmp_path, out_dir)
+
+    expected = sentiment_task.rank_samples("p", samples, 0.3, 6)
+    assert len(expected) > 1
+    pairs = data_prep.read_jsonl(out_dir / "pairs_train.jsonl")
+    reward_pairs = data_prep.read_jsonl(out_dir / "reward_train.jsonl")
+    prompts = data_prep.read_jsonl(out_dir / "prompts_train.jsonl")
+    assert len(pairs) == len(prompts) == 32
+    assert len(reward_pairs) == 32 * len(expected)
+    assert all((pair["chosen"], pair["rejected"]) == (expected[0]["chosen"], expected[0]["rejected"]) for pair in pairs)
+    assert [(p["chosen"], p["rejected"]) for p in reward_pairs[: len(expected)]] == [(e["chosen"], e["rejected"]) for e in expected]
+    assert data_prep.read_jsonl(out_dir / "sft_train.jsonl") == [
+        {"prompt": row["prompt"], "completion": expected[0]["chosen"]} for row in prompts
+    ]
+    assert seen["system_prompt"] == "" and seen["num_return_sequences"] == config.data.samples_per_prompt

@@ -131,3 +131,50 @@ def test_tiny_tokenizer_has_a_pad_token_and_a_chatml_template(tiny_base_model: P
     assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     text = "Write a one-sentence review of the movie 'Silent Harbor'."
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_a_pad_equal_to_eos_is_replaced_by_a_distinct_token(tiny_base_model: Path, tmp_path: Path) -> None:
+    """SmolLM2 ships pad == EOS (<|im_end|>); TRL's PPO would then mask the end-of-turn
+    tokens inside every chat prompt. load_tokenizer must hand out a distinct pad."""
+    from transformers import AutoTokenizer
+
+    from pipeline_lib.generation import chat_prompt_ids
+
+    saved = AutoTokenizer.from_pretrained(tiny_base_model)
+    saved.pad_token = saved.eos_token
+    saved.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token_id == saved.eos_token_id  # the case under test
+
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token == "<|endoftext|>"
+    prompt = chat_prompt_ids(tokenizer, "Give a short opinion of the album 'Quiet River'.")
+    assert tokenizer.eos_token_id in prompt  # <|im_end|> closes the user turn ...
+    assert tokenizer.pad_token_id not in prompt  # ... and is no longer mistaken for padding
+
+
+def test_reward_is_read_where_trl_ppo_reads_it(tiny_base_model: Path) -> None:
+    """Reward training, evaluation and PPO score the same tokens at the same position:
+    chat prompt + response + EOS, then padding."""
+    from trl.experimental.utils import get_reward
+
+    from pipeline_lib.generation import chat_prompt_ids, response_ids, reward_scores
+
+    tokenizer = load_tokenizer(tiny_base_model)
+    model = load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id)
+    prompts = ["Give a short opinion of the album 'Quiet River'.", "Write a one-sentence review of the hotel 'Iron Tower'."]
+    responses = ["I loved it.", "It was dull and far too long for me."]
+    ours = reward_scores(model, tokenizer, prompts, responses)
+
+    # PPO's rollout layout: left-padded query, response closed by EOS, right padding.
+    queries = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    answers = [response_ids(tokenizer, response) for response in responses]
+    context = max(len(query) for query in queries)
+    width = context + max(len(answer) for answer in answers) + 2
+    rows = torch.full((2, width), tokenizer.pad_token_id)
+    for row, (query, answer) in enumerate(zip(queries, answers)):
+        rows[row, context - len(query) : context] = torch.tensor(query)
+        rows[row, context : context + len(answer)] = torch.tensor(answer)
+    with torch.no_grad():
+        _, scores, _ = get_reward(model, rows, tokenizer.pad_token_id, context)
+    assert torch.allclose(scores, torch.tensor(ours), atol=1e-4)

@@ -105,12 +105,23 @@ def oracle_score(text: str) -> float:
     return float(_analyzer().polarity_scores(text)["compound"])
 
 
-def rank_samples(prompt: str, samples: list[str], margin: float) -> dict[str, object] | None:
-    """The (best, worst) pair of samples by oracle score, if they differ by at least ``margin``."""
-    scored = sorted(((oracle_score(text), text) for text in samples if text.strip()), reverse=True)
-    if len(scored) < 2:
-        return None
-    (best_score, best), (worst_score, worst) = scored[0], scored[-1]
-    if best_score - worst_score < margin or best.strip() == worst.strip():
-        return None
-    return {"prompt": prompt, "chosen": best, "rejected": worst, "chosen_score": best_score, "rejected_score": worst_score}
+def rank_samples(prompt: str, samples: list[str], margin: float, max_pairs: int = 1) -> list[dict[str, object]]:
+    """Up to ``max_pairs`` (better, worse) pairs of distinct samples whose oracle scores
+    differ by at least ``margin``, widest gap first: the first is (best, worst).
+
+    Several pairs per prompt give the reward model more comparisons from the same
+    samples, as InstructGPT ranks K responses into K-choose-2 pairs.
+    """
+    scores = {text.strip(): oracle_score(text) for text in samples if text.strip()}
+    ranked = sorted(scores.items(), key=lambda item: item[1], reverse=True)
+    candidates = [
+        (better, worse)
+        for index, better in enumerate(ranked)
+        for worse in ranked[index + 1 :]
+        if better[1] - worse[1] >= margin and better[1] > worse[1]
+    ]
+    candidates.sort(key=lambda pair: pair[0][1] - pair[1][1], reverse=True)  # stable: ties keep rank order
+    return [
+        {"prompt": prompt, "chosen": better, "rejected": worse, "chosen_score": better_score, "rejected_score": worse_score}
+        for (better, better_score), (worse, worse_score) in candidates[:max_pairs]
+    ]

@@ -43,7 +43,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _sample_pairs(config: PipelineConfig, base_model_dir: Path, prompts: list[str], seed: int) -> tuple[list, dict]:
+def _sample_pairs(config: PipelineConfig, base_model_dir: Path, prompts: list[str], seed: int) -> tuple[list, list, dict]:
+    """Sample the base model, rank with the oracle: (policy pairs, reward pairs, stats)."""
     from pipeline_lib.generation import generate_responses
     from pipeline_lib.models import load_causal_lm, load_tokenizer
 
@@ -59,11 +60,23 @@ def _sample_pairs(config: PipelineConfig, base_model_dir: Path, prompts: list[st
         num_return_sequences=data.samples_per_prompt,
         batch_size=16,
         seed=seed,
+        system_prompt=config.model.system_prompt,
     )
-    pairs = [pair for prompt, texts in zip(prompts, samples) if (pair := sentiment_task.rank_samples(prompt, texts, data.pair_margin))]
+    most = max(data.pairs_per_prompt, data.reward_pairs_per_prompt)
+    ranked = [sentiment_task.rank_samples(prompt, texts, data.pair_margin, most) for prompt, texts in zip(prompts, samples)]
+    policy_pairs = [pair for pairs in ranked for pair in pairs[: data.pairs_per_prompt]]
+    reward_pairs = [pair for pairs in ranked for pair in pairs[: data.reward_pairs_per_prompt]]
     all_scores = [sentiment_task.oracle_score(text) for texts in samples for text in texts]
     stats = {"sampled_responses": len(all_scores), "sample_oracle_mean": sum(all_scores) / max(1, len(all_scores))}
-    return pairs, stats
+    return policy_pairs, reward_pairs, stats
+
+
+def best_responses(pairs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One SFT row per prompt: the chosen side of its first (widest-gap) pair."""
+    first = {}
+    for pair in pairs:
+        first.setdefault(pair["prompt"], pair["chosen"])
+    return [{"prompt": prompt, "completion": completion} for prompt, completion in first.items()]
 
 
 def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, Any]:
@@ -71,11 +84,11 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
     train_prompts, eval_prompts = sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, config.seed)
     stats: dict[str, Any] = {}
     if data.pair_source == "template":
-        pairs_train = sentiment_task.template_pairs(train_prompts, config.seed)
-        pairs_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
+        pairs_train = reward_train = sentiment_task.template_pairs(train_prompts, config.seed)
+        pairs_eval = reward_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
     else:
-        pairs_train, stats = _sample_pairs(config, base_model_dir, train_prompts, config.seed)
-        pairs_eval, eval_stats = _sample_pairs(config, base_model_dir, eval_prompts, config.seed + 1)
+        pairs_train, reward_train, stats = _sample_pairs(config, base_model_dir, train_prompts, config.seed)
+        pairs_eval, reward_eval, eval_stats = _sample_pairs(config, base_model_dir, eval_prompts, config.seed + 1)
         stats["held_out_sample_oracle_mean"] = eval_stats["sample_oracle_mean"]
     if len(pairs_train) < 2 or not pairs_eval:
         raise DataValidationError(
@@ -83,14 +96,15 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
             f"only {len(pairs_train)} training and {len(pairs_eval)} held-out pairs cleared the oracle margin "
             f"{data.pair_margin}; lower data.pair_margin or raise data.samples_per_prompt",
         )
-    sft_train = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs_train]
-    sft_eval = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs_eval]
     return {
         "schema": f"embedded ({data.pair_source} pairs)",
         "pairs_train": pairs_train,
         "pairs_eval": pairs_eval,
-        "sft_train": sft_train,
-        "sft_eval": sft_eval,
+        "reward_train": reward_train,
+        "reward_eval": reward_eval,
+        # SFT imitates the best sample of each prompt: the first pair's chosen side.
+        "sft_train": best_responses(pairs_train),
+        "sft_eval": best_responses(pairs_eval),
         "prompts_train": train_prompts,
         "prompts_eval": eval_prompts,
         "stats": stats,
@@ -135,8 +149,12 @@ def collect(config: PipelineConfig, base_model_dir: Path | None) -> dict[str, An
         "sft_eval": take_percent(parts["sft_eval"], data.eval_percent, "sft_eval (data.eval_percent)"),
         "pairs_train": take_percent(parts["pairs_train"], data.train_percent, "pairs_train (data.train_percent)", 2),
         "pairs_eval": take_percent(parts["pairs_eval"], data.eval_percent, "pairs_eval (data.eval_percent)"),
-        "reward_train": take_percent(parts["pairs_train"], data.reward_train_percent, "reward_train (data.reward_train_percent)", 2),
-        "reward_eval": take_percent(parts["pairs_eval"], data.reward_eval_percent, "reward_eval (data.reward_eval_percent)"),
+        "reward_train": take_percent(
+            parts.get("reward_train", parts["pairs_train"]), data.reward_train_percent, "reward_train (data.reward_train_percent)", 2
+        ),
+        "reward_eval": take_percent(
+            parts.get("reward_eval", parts["pairs_eval"]), data.reward_eval_percent, "reward_eval (data.reward_eval_percent)"
+        ),
         "prompts_train": [{"prompt": p} for p in take_percent(parts["prompts_train"], data.train_percent, "prompts_train", 1)],
         "prompts_eval": [{"prompt": p} for p in take_percent(parts["prompts_eval"], data.eval_percent, "prompts_eval", 1)],
     }

@@ -17,8 +17,23 @@ from typing import Any
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
 from pipeline_lib.stages import training
+from pipeline_lib.generation import chat_messages
 from pipeline_lib.stages.data_prep import read_jsonl
-from pipeline_lib.stages.reward import conversational_pairs
+
+
+def conversational_pairs(rows: list[dict[str, str]], system_prompt: str | None = None):
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": chat_messages(row["prompt"], system_prompt),
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}],
+            }
+            for row in rows
+        ]
+    )
 
 
 def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -28,7 +43,7 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
     section = config.dpo
     training.seed_everything(config.seed)
     # --- data
-    train_dataset = conversational_pairs(read_jsonl(Path(data_dir) / "pairs_train.jsonl"))
+    train_dataset = conversational_pairs(read_jsonl(Path(data_dir) / "pairs_train.jsonl"), config.model.system_prompt)
     # --- models: the policy trains, the reference is a second frozen copy of SFT
     tokenizer = load_tokenizer(sft_model_dir)
     policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
@@ -39,6 +54,7 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
         **training.trainer_args("dpo", config, section, out_dir),
         beta=section.beta,
         loss_type=[section.loss_type],
+        precompute_ref_log_probs=section.precompute_ref_log_probs,
         max_length=section.max_length,
         eval_strategy="no",
     )

@@ -26,9 +26,10 @@ from typing import Any
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.generation import generate_responses, response_logprobs, reward_scores
-from pipeline_lib.metrics import distinct_n, mean_words, pairwise_accuracy, sequence_kl, win_rate
+from pipeline_lib.metrics import distinct_n, mean_words, sequence_kl, win_rate
 from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from pipeline_lib.stages.data_prep import read_jsonl, write_jsonl
+from pipeline_lib.stages.reward import pairwise_accuracy as reward_pairwise_accuracy
 
 logger = logging.getLogger(__name__)
 POLICY_ORDER = ("base", "sft", "dpo", "ppo")
@@ -55,6 +56,7 @@ def run(
     if section.num_prompts:
         prompts = prompts[: section.num_prompts]
     with_oracle = _has_oracle(data_dir)
+    system_prompt = config.model.system_prompt
     tokenizer = load_tokenizer(policies["sft"])
     reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
     sft_model = load_causal_lm(policies["sft"])
@@ -67,14 +69,16 @@ def run(
         responses = [
             texts[0]
             for texts in generate_responses(
-                model, tokenizer, prompts, section.max_new_tokens, section.temperature, 1, section.batch_size, config.seed
+                model, tokenizer, prompts, section.max_new_tokens, section.temperature, 1, section.batch_size, config.seed, system_prompt
             )
         ]
-        logprobs = response_logprobs(model, tokenizer, prompts, responses, section.batch_size)
-        sft_logprobs = logprobs if name == "sft" else response_logprobs(sft_model, tokenizer, prompts, responses, section.batch_size)
+        logprobs = response_logprobs(model, tokenizer, prompts, responses, section.batch_size, system_prompt)
+        sft_logprobs = (
+            logprobs if name == "sft" else response_logprobs(sft_model, tokenizer, prompts, responses, section.batch_size, system_prompt)
+        )
         per_policy[name] = {
             "responses": responses,
-            "reward": reward_scores(reward_model, tokenizer, prompts, responses, section.batch_size),
+            "reward": reward_scores(reward_model, tokenizer, prompts, responses, section.batch_size, system_prompt),
             "oracle": [sentiment_task.oracle_score(text) for text in responses] if with_oracle else [],
             "kl": sequence_kl(logprobs, sft_logprobs),
         }
@@ -93,11 +97,7 @@ def run(
             "distinct_2": distinct_n(scores["responses"], 2),
         }
     pairs = read_jsonl(Path(data_dir) / "reward_eval.jsonl")
-    pair_prompts = [pair["prompt"] for pair in pairs]
-    reward_accuracy = pairwise_accuracy(
-        reward_scores(reward_model, tokenizer, pair_prompts, [p["chosen"] for p in pairs]),
-        reward_scores(reward_model, tokenizer, pair_prompts, [p["rejected"] for p in pairs]),
-    )
+    reward_accuracy = reward_pairwise_accuracy(reward_model, tokenizer, pairs, system_prompt)
     results = {
         "policies": table,
         "reward_model_pairwise_accuracy": reward_accuracy,

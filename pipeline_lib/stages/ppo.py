@@ -41,7 +41,7 @@ def run(config: PipelineConfig, sft_model_dir: Path, reward_model_dir: Path, dat
     tokenizer = load_tokenizer(sft_model_dir)
     tokenizer.padding_side = "left"  # rollouts generate after the prompt
     prompts = [row["prompt"] for row in read_jsonl(Path(data_dir) / "prompts_train.jsonl")]
-    train_dataset = Dataset.from_list([{"input_ids": chat_prompt_ids(tokenizer, p)} for p in prompts])
+    train_dataset = Dataset.from_list([{"input_ids": chat_prompt_ids(tokenizer, p, config.model.system_prompt)} for p in prompts])
     # --- models
     policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
     reference = load_causal_lm(sft_model_dir, config.model.trust_remote_code)

@@ -17,33 +17,34 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.generation import reward_scores
+from pipeline_lib.generation import reward_scores, scored_sequence_ids
 from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores
 from pipeline_lib.models import freeze_all_but_top_k, load_sequence_classifier, load_tokenizer
 from pipeline_lib.stages import training
 from pipeline_lib.stages.data_prep import read_jsonl
 
 
-def conversational_pairs(rows: list[dict[str, str]]):
+def tokenized_pairs(rows: list[dict[str, str]], tokenizer, system_prompt: str | None = None):
+    """Pre-tokenized pairs in ``scored_sequence_ids`` layout (ending at EOS), so the reward
+    model learns to read the reward where PPO and evaluation read it."""
     from datasets import Dataset
 
     return Dataset.from_list(
         [
             {
-                "prompt": [{"role": "user", "content": row["prompt"]}],
-                "chosen": [{"role": "assistant", "content": row["chosen"]}],
-                "rejected": [{"role": "assistant", "content": row["rejected"]}],
+                "chosen_ids": scored_sequence_ids(tokenizer, row["prompt"], row["chosen"], system_prompt),
+                "rejected_ids": scored_sequence_ids(tokenizer, row["prompt"], row["rejected"], system_prompt),
             }
             for row in rows
         ]
     )
 
 
-def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]]) -> float:
+def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
     """Share of pairs the reward model ranks the right way round (ties count as wrong)."""
     prompts = [pair["prompt"] for pair in pairs]
-    chosen = reward_scores(model, tokenizer, prompts, [pair["chosen"] for pair in pairs])
-    rejected = reward_scores(model, tokenizer, prompts, [pair["rejected"] for pair in pairs])
+    chosen = reward_scores(model, tokenizer, prompts, [pair["chosen"] for pair in pairs], system_prompt=system_prompt)
+    rejected = reward_scores(model, tokenizer, prompts, [pair["rejected"] for pair in pairs], system_prompt=system_prompt)
     return accuracy_of_scores(chosen, rejected)
 
 
@@ -58,9 +59,12 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
     eval_rows = read_jsonl(Path(data_dir) / "reward_eval.jsonl")
     # --- model
     tokenizer = load_tokenizer(sft_model_dir)
-    model = load_sequence_classifier(sft_model_dir, tokenizer.pad_token_id, config.model.trust_remote_code)
+    model = load_sequence_classifier(
+        sft_model_dir, tokenizer.pad_token_id, config.model.trust_remote_code, section.num_layers
+    )
     parameter_counts = freeze_all_but_top_k(model, section.top_k)
-    accuracy_before = pairwise_accuracy(model, tokenizer, eval_rows)
+    system_prompt = config.model.system_prompt
+    accuracy_before = pairwise_accuracy(model, tokenizer, eval_rows, system_prompt)
     # --- train
     args = RewardConfig(
         **training.trainer_args("reward", config, section, out_dir),
@@ -68,11 +72,11 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
         eval_strategy="no",
     )
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=conversational_pairs(train_rows), processing_class=tokenizer
+        model=model, args=args, train_dataset=tokenized_pairs(train_rows, tokenizer, system_prompt), processing_class=tokenizer
     )
     train_metrics = training.train_resumable("reward", trainer, out_dir)
     # --- evaluate and save
-    accuracy = pairwise_accuracy(trainer.model, tokenizer, eval_rows)
+    accuracy = pairwise_accuracy(trainer.model, tokenizer, eval_rows, system_prompt)
     history = training.write_loss_log(trainer, out_dir)
     training.save_model(trainer.model, tokenizer, out_dir, "reward", {"sft_model": str(sft_model_dir), "data": str(data_dir)})
     return {

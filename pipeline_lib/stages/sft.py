@@ -17,16 +17,17 @@ from typing import Any
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
 from pipeline_lib.stages import training
+from pipeline_lib.generation import chat_messages
 from pipeline_lib.stages.data_prep import read_jsonl
 
 
-def conversational(rows: list[dict[str, str]]):
+def conversational(rows: list[dict[str, str]], system_prompt: str | None = None):
     from datasets import Dataset
 
     return Dataset.from_list(
         [
             {
-                "prompt": [{"role": "user", "content": row["prompt"]}],
+                "prompt": chat_messages(row["prompt"], system_prompt),
                 "completion": [{"role": "assistant", "content": row["completion"]}],
             }
             for row in rows
@@ -41,8 +42,9 @@ def run(config: PipelineConfig, base_model_dir: Path, data_dir: Path, out_dir: P
     section = config.sft
     training.seed_everything(config.seed)
     # --- data
-    train_dataset = conversational(read_jsonl(Path(data_dir) / "sft_train.jsonl"))
-    eval_dataset = conversational(read_jsonl(Path(data_dir) / "sft_eval.jsonl"))
+    system_prompt = config.model.system_prompt
+    train_dataset = conversational(read_jsonl(Path(data_dir) / "sft_train.jsonl"), system_prompt)
+    eval_dataset = conversational(read_jsonl(Path(data_dir) / "sft_eval.jsonl"), system_prompt)
     # --- model
     tokenizer = load_tokenizer(base_model_dir)
     model = load_causal_lm(base_model_dir, config.model.trust_remote_code)

@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from pipeline_lib import tracking
+from pipeline_lib.cores import ShareCores
 from pipeline_lib.config import PipelineConfig, TrainSection
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> 
         limit = getattr(trainer.args, "max_length", None)
         raise StageFailed(f"{stage} failed: no training example fits {stage}.max_length={limit}; raise {stage}.max_length")
     trainer.add_callback(StepProgress(stage))
+    trainer.add_callback(ShareCores())
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint:
         logger.info("%s: resuming from %s", stage, checkpoint)

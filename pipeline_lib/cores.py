@@ -1,0 +1,84 @@
+"""Share the machine's cores between stages that run side by side in separate processes.
+
+Reward, DPO and PPO may run at the same time (the flow runs them in worker processes).
+torch's thread pool is per process and neither torch nor Prefect knows of the other
+stages, so we keep a small registry: each running stage holds a marker file
+``<directory>/<stage>.<pid>``, and its torch thread count is ``cores // live markers``.
+Training stages re-check after every optimizer step (``ShareCores``), so a stage whose
+neighbour has finished takes the freed cores instead of leaving them idle. A marker whose
+process died (killed run) is ignored.
+
+Outside ``running`` (a stage called directly, the tests) nothing changes torch's threads.
+A thread count can change the last bits of CPU reductions, so two runs whose stages
+overlapped differently may differ in those bits; a stage run alone is repeatable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+
+_active: tuple[Path, int] | None = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_stages(directory: Path) -> list[str]:
+    """Names of the stages whose process is alive, from their markers."""
+    names = []
+    for marker in Path(directory).glob("*.*"):
+        stage, _, pid = marker.name.rpartition(".")
+        if pid.isdigit() and _alive(int(pid)):
+            names.append(stage)
+    return sorted(names)
+
+
+def share(directory: Path, cores: int) -> int:
+    """This process's share: all the cores split evenly between the live stages."""
+    return max(1, cores // max(1, len(running_stages(directory))))
+
+
+def apply_share() -> int | None:
+    """Set torch's threads to this stage's current share; None outside ``running``."""
+    if _active is None:
+        return None
+    threads = share(*_active)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
+@contextmanager
+def running(directory: Path, stage: str, cores: int | None = None) -> Iterator[int]:
+    """Register this process as running ``stage`` and take its share of ``cores``."""
+    global _active
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / f"{stage}.{os.getpid()}"
+    marker.touch()
+    _active = (directory, cores or os.cpu_count() or 1)
+    try:
+        yield apply_share()
+    finally:
+        _active = None
+        marker.unlink(missing_ok=True)
+
+
+class ShareCores(transformers.TrainerCallback):
+    """Re-balance torch's threads after every optimizer step (see the module docstring)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        apply_share()

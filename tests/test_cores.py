@@ -1,0 +1,34 @@
+"""Cores shared between stages running side by side in separate processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline_lib import cores
+
+
+def test_a_stage_alone_takes_every_core_and_neighbours_split_them(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    try:
+        with cores.running(tmp_path, "dpo", cores=2) as threads:
+            assert threads == 2 and torch.get_num_threads() == 2
+            assert cores.running_stages(tmp_path) == ["dpo"]
+            # A neighbour starts in another (live) process: this stage drops to its share ...
+            neighbour = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            try:
+                (tmp_path / f"reward.{neighbour.pid}").touch()
+                assert cores.apply_share() == 1 and torch.get_num_threads() == 1
+            finally:
+                neighbour.kill()
+                neighbour.wait()
+            # ... and takes the core back once the neighbour's process is gone, marker or not.
+            assert cores.running_stages(tmp_path) == ["dpo"]
+            assert cores.apply_share() == 2 and torch.get_num_threads() == 2
+        assert not list(tmp_path.glob("dpo.*"))  # the marker goes with the stage
+        assert cores.apply_share() is None  # outside a running stage nothing is changed
+    finally:
+        torch.set_num_threads(before)
