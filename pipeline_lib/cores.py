@@ -26,7 +26,8 @@ import transformers
 _active: tuple[Path, int] | None = None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with that id exists (signal 0 probes it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,7 +42,7 @@ def running_stages(directory: Path) -> list[str]:
     names = []
     for marker in Path(directory).glob("*.*"):
         stage, _, pid = marker.name.rpartition(".")
-        if pid.isdigit() and _alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             names.append(stage)
     return sorted(names)
 

@@ -18,15 +18,7 @@ from typing import Optional
 
 from prefect.locking.filesystem import FileSystemLockManager
 
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from pipeline_lib.cores import process_alive
 
 
 class ProcessBoundLockManager(FileSystemLockManager):
@@ -48,7 +40,7 @@ class ProcessBoundLockManager(FileSystemLockManager):
         except (FileNotFoundError, json.JSONDecodeError):
             record = {}
         pid, host = record.get("pid"), record.get("host")
-        if pid is not None and host == socket.gethostname() and not _process_alive(int(pid)):
+        if pid is not None and host == socket.gethostname() and not process_alive(int(pid)):
             path.unlink(missing_ok=True)
             self._locks.pop(key, None)
             return False

@@ -9,6 +9,9 @@ SFT.
 Departures: TRL removed PPO in 1.13; we pin 1.12.x. Upstream says PPO checkpoint resume
 does not work, so an interrupted PPO stage restarts from SFT (its checkpoints are not
 read back). Only the top ``ppo.top_k`` decoder layers of policy and value model train.
+TRL treats every pad id as padding, so the tokenizer's pad must differ from EOS
+(``models.load_tokenizer`` sees to it) or the end-of-turn tokens inside each chat prompt
+would be masked and the reward read one token off.
 
 Run alone: call ``run(config, sft_dir, reward_dir, data_dir, out_dir)``.
 """

@@ -3,7 +3,11 @@
 Inputs: the SFT model directory (the reward model starts from it, with a scalar
 ``score`` head) and data prep's ``reward_train.jsonl``/``reward_eval.jsonl``
 (prompt, chosen, rejected). Trained on the Bradley-Terry pairwise loss; only the top
-``reward.top_k`` decoder layers and the head train.
+``reward.top_k`` decoder layers and the head train. ``reward.num_layers`` keeps only the
+bottom N layers of SFT (a shallower, cheaper reward model; PPO's value model inherits it).
+Every sequence is laid out as PPO's rollouts are (chat prompt, response, EOS; see
+``generation.scored_sequence_ids``), so the reward is read at the same token in reward
+training, in PPO and in evaluation.
 Output: a HF-format sequence-classification model and ``pairwise_accuracy``: the share
 of held-out pairs where r(chosen) > r(rejected), computed here on the saved model
 rather than taken from the trainer's running average.
