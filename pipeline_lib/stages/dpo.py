@@ -58,9 +58,17 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
         max_length=section.max_length,
         eval_strategy="no",
     )
-    trainer = DPOTrainer(
-        model=policy, ref_model=reference, args=args, train_dataset=train_dataset, processing_class=tokenizer
-    )
+    try:
+        trainer = DPOTrainer(
+            model=policy, ref_model=reference, args=args, train_dataset=train_dataset, processing_class=tokenizer
+        )
+    except ValueError as error:
+        # With precompute_ref_log_probs, TRL scores the reference inside the constructor and
+        # fails on an empty dataset (every pair truncated away) with a bare torch.cat error,
+        # before train_resumable could name the cause.
+        if "non-empty list of Tensors" not in str(error):
+            raise
+        raise training.no_example_fits("dpo", section.max_length) from error
     train_metrics = training.train_resumable("dpo", trainer, out_dir)
     # --- save
     history = training.write_loss_log(trainer, out_dir)

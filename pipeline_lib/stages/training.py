@@ -85,13 +85,16 @@ def latest_checkpoint(out_dir: Path) -> str | None:
     return str(complete[-1]) if complete else None
 
 
+def no_example_fits(stage: str, max_length: int | None) -> StageFailed:
+    return StageFailed(f"{stage} failed: no training example fits {stage}.max_length={max_length}; raise {stage}.max_length")
+
+
 def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> dict[str, Any]:
     """Train (resuming from the last checkpoint when there is one); rescue the model on failure."""
     examples = getattr(trainer, "train_dataset", None)
     if examples is not None and len(examples) == 0:
         # TRL drops examples longer than max_length before training; say so, not "num_samples=0".
-        limit = getattr(trainer.args, "max_length", None)
-        raise StageFailed(f"{stage} failed: no training example fits {stage}.max_length={limit}; raise {stage}.max_length")
+        raise no_example_fits(stage, getattr(trainer.args, "max_length", None))
     trainer.add_callback(StepProgress(stage))
     trainer.add_callback(ShareCores())
     checkpoint = latest_checkpoint(out_dir) if resume else None
