@@ -253,7 +253,7 @@ def load_sequence_classifier(path: Path, pad_token_id: int, trust_remote_code: b
     if num_layers:
         available = num_decoder_layers(path)
         if num_layers > available:
-            raise ModelError(f"reward.num_layers={num_layers} is above the model's {available} decoder layers")
+            raise ModelError(f"num_layers={num_layers} is above the {available} decoder layers of {path}")
         depth = {"num_hidden_layers": num_layers}
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code, **depth

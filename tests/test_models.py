@@ -178,3 +178,17 @@ def test_reward_is_read_where_trl_ppo_reads_it(tiny_base_model: Path) -> None:
     with torch.no_grad():
         _, scores, _ = get_reward(model, rows, tokenizer.pad_token_id, context)
     assert torch.allclose(scores, torch.tensor(ours), atol=1e-4)
+
+
+def test_a_shallow_sequence_classifier_keeps_the_bottom_layers(tiny_base_model: Path) -> None:
+    """reward.num_layers: the reward (and value) model keeps SFT's bottom layers, unchanged."""
+    tokenizer = load_tokenizer(tiny_base_model)
+    full = load_causal_lm(tiny_base_model)
+    shallow = load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id, num_layers=2)
+    assert shallow.config.num_hidden_layers == 2 and len(shallow.model.layers) == 2
+    for index in range(2):
+        ours, theirs = shallow.model.layers[index].state_dict(), full.model.layers[index].state_dict()
+        assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    assert torch.equal(shallow.model.embed_tokens.weight, full.model.embed_tokens.weight)
+    with pytest.raises(ModelError, match="num_layers=5 is above the 4 decoder layers"):
+        load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id, num_layers=5)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.generation import chat_messages
 from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
 from pipeline_lib.stages import training
-from pipeline_lib.generation import chat_messages
 from pipeline_lib.stages.data_prep import read_jsonl
 
 

@@ -69,7 +69,14 @@ def run(
         responses = [
             texts[0]
             for texts in generate_responses(
-                model, tokenizer, prompts, section.max_new_tokens, section.temperature, 1, section.batch_size, config.seed, system_prompt
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=section.max_new_tokens,
+                temperature=section.temperature,
+                batch_size=section.batch_size,
+                seed=config.seed,
+                system_prompt=system_prompt,
             )
         ]
         logprobs = response_logprobs(model, tokenizer, prompts, responses, section.batch_size, system_prompt)
