@@ -192,3 +192,36 @@ def test_a_shallow_sequence_classifier_keeps_the_bottom_layers(tiny_base_model: 
     assert torch.equal(shallow.model.embed_tokens.weight, full.model.embed_tokens.weight)
     with pytest.raises(ModelError, match="num_layers=5 is above the 4 decoder layers"):
         load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id, num_layers=5)
+
+
+def test_ppo_scores_a_cut_off_rollout_as_evaluation_does(tiny_base_model: Path) -> None:
+    """A PPO rollout that hit response_length has no EOS; TRL would read the reward at its
+    last word. EosClosedReward closes it with EOS, so PPO and evaluation read the same score."""
+    from trl.experimental.utils import get_reward
+
+    from pipeline_lib.generation import chat_prompt_ids, response_ids, reward_scores
+    from pipeline_lib.stages.ppo import EosClosedReward
+
+    tokenizer = load_tokenizer(tiny_base_model)
+    model = load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id)
+    prompts = ["Give a short opinion of the album 'Quiet River'.", "Rate the cafe 'Red Door'.", "Review 'Iron Tower'."]
+    responses = ["I loved it.", "It was dull and far too long for", "Bright, warm and"]
+    expected = reward_scores(model, tokenizer, prompts, responses)  # every response closed by EOS
+
+    # Rollouts: left-padded queries; the first stopped at EOS, the other two were cut off
+    # (no EOS), one of them filling the whole response window.
+    queries = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    answers = [response_ids(tokenizer, responses[0])] + [response_ids(tokenizer, r)[:-1] for r in responses[1:]]
+    context = max(len(query) for query in queries)
+    width = context + max(len(answer) for answer in answers)
+    rows = torch.full((3, width), tokenizer.pad_token_id)
+    for row, (query, answer) in enumerate(zip(queries, answers)):
+        rows[row, context - len(query) : context] = torch.tensor(query)
+        rows[row, context : context + len(answer)] = torch.tensor(answer)
+    assert (rows[:, -1] != tokenizer.pad_token_id).any()  # one rollout fills the window
+    with torch.no_grad():
+        _, raw, _ = get_reward(model, rows, tokenizer.pad_token_id, context)
+        _, closed, _ = get_reward(EosClosedReward(model, tokenizer.eos_token_id), rows, tokenizer.pad_token_id, context)
+    assert torch.allclose(closed, torch.tensor(expected), atol=1e-4)
+    assert torch.allclose(raw[0], closed[0], atol=1e-5)  # the complete rollout is unchanged
+    assert not torch.allclose(raw[1:], closed[1:], atol=1e-3)  # read mid-sentence, the score differs

@@ -11,7 +11,9 @@ does not work, so an interrupted PPO stage restarts from SFT (its checkpoints ar
 read back). Only the top ``ppo.top_k`` decoder layers of policy and value model train.
 TRL treats every pad id as padding, so the tokenizer's pad must differ from EOS
 (``models.load_tokenizer`` sees to it) or the end-of-turn tokens inside each chat prompt
-would be masked and the reward read one token off.
+would be masked and the reward read one token off. TRL reads the reward at a rollout's
+last token, mid-sentence for a rollout cut off at ``response_length``; ``EosClosedReward``
+closes such rollouts with EOS first, as evaluation does.
 
 Run alone: call ``run(config, sft_dir, reward_dir, data_dir, out_dir)``.
 """
@@ -23,11 +25,55 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_prompt_ids
 from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer
 from pipeline_lib.stages import training
 from pipeline_lib.stages.data_prep import read_jsonl
+
+
+class EosClosedReward(torch.nn.Module):
+    """The reward model as TRL's PPO calls it, scoring every rollout as closed by EOS.
+
+    TRL's ``get_reward`` runs ``model.<base_model_prefix>`` and ``model.score`` and reads
+    the reward at each rollout's last token. A rollout cut off at ``ppo.response_length``
+    (most of them at 24 tokens) ends mid-sentence, a position the reward model never
+    learned to read: reward training and evaluation close every response with EOS
+    (``generation.scored_sequence_ids``), and read at that EOS the reward model ranks
+    held-out pairs at 0.71-0.78, mid-sentence at 0.60-0.63. This wrapper appends the EOS
+    such a rollout lacks and returns, at its last token, the hidden state of that EOS, so
+    PPO optimises the reward that evaluation reports. Rollouts that stopped at EOS are
+    scored unchanged.
+    """
+
+    base_model_prefix = "closed_backbone"
+
+    def __init__(self, reward_model: torch.nn.Module, eos_token_id: int):
+        super().__init__()
+        self.reward_model = reward_model
+        self.score = reward_model.score
+        self.eos_token_id = eos_token_id
+
+    def closed_backbone(self, input_ids, attention_mask, position_ids, **kwargs):
+        backbone = getattr(self.reward_model, self.reward_model.base_model_prefix)
+        batch, width = input_ids.shape
+        rows = torch.arange(batch, device=input_ids.device)
+        mask = attention_mask.long()
+        last = width - 1 - mask.flip(1).argmax(1)  # each row's last real token (padding follows it)
+        open_rows = rows[input_ids[rows, last] != self.eos_token_id]
+        # One more column, then EOS right after the last token of every open row.
+        ids, mask, positions = (torch.nn.functional.pad(t, (0, 1)) for t in (input_ids, mask, position_ids))
+        ids[open_rows, last[open_rows] + 1] = self.eos_token_id
+        mask[open_rows, last[open_rows] + 1] = 1
+        positions[open_rows, last[open_rows] + 1] = position_ids[open_rows, last[open_rows]] + 1
+        output = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        hidden = output.hidden_states[-1]
+        closed = hidden[:, :width].clone()
+        closed[open_rows, last[open_rows]] = hidden[open_rows, last[open_rows] + 1]
+        output.hidden_states = (*output.hidden_states[:-1], closed)
+        return output
 
 
 def run(config: PipelineConfig, sft_model_dir: Path, reward_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
@@ -73,7 +119,7 @@ def run(config: PipelineConfig, sft_model_dir: Path, reward_model_dir: Path, dat
         processing_class=tokenizer,
         model=policy,
         ref_model=reference,
-        reward_model=reward_model,
+        reward_model=EosClosedReward(reward_model, tokenizer.eos_token_id),
         value_model=value_model,
         train_dataset=train_dataset,
     )
