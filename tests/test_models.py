@@ -153,6 +153,16 @@ def test_a_pad_equal_to_eos_is_replaced_by_a_distinct_token(tiny_base_model: Pat
     assert tokenizer.pad_token_id not in prompt  # ... and is no longer mistaken for padding
 
 
+def _rollouts(queries: list[list[int]], answers: list[list[int]], pad_id: int, extra_padding: int = 0):
+    """PPO's rollout layout: left-padded queries, responses, right padding; and the context width."""
+    context = max(len(query) for query in queries)
+    rows = torch.full((len(queries), context + max(len(answer) for answer in answers) + extra_padding), pad_id)
+    for row, (query, answer) in enumerate(zip(queries, answers)):
+        rows[row, context - len(query) : context] = torch.tensor(query)
+        rows[row, context : context + len(answer)] = torch.tensor(answer)
+    return rows, context
+
+
 def test_reward_is_read_where_trl_ppo_reads_it(tiny_base_model: Path) -> None:
     """Reward training, evaluation and PPO score the same tokens at the same position:
     chat prompt + response + EOS, then padding."""
@@ -169,12 +179,7 @@ def test_reward_is_read_where_trl_ppo_reads_it(tiny_base_model: Path) -> None:
     # PPO's rollout layout: left-padded query, response closed by EOS, right padding.
     queries = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     answers = [response_ids(tokenizer, response) for response in responses]
-    context = max(len(query) for query in queries)
-    width = context + max(len(answer) for answer in answers) + 2
-    rows = torch.full((2, width), tokenizer.pad_token_id)
-    for row, (query, answer) in enumerate(zip(queries, answers)):
-        rows[row, context - len(query) : context] = torch.tensor(query)
-        rows[row, context : context + len(answer)] = torch.tensor(answer)
+    rows, context = _rollouts(queries, answers, tokenizer.pad_token_id, extra_padding=2)
     with torch.no_grad():
         _, scores, _ = get_reward(model, rows, tokenizer.pad_token_id, context)
     assert torch.allclose(scores, torch.tensor(ours), atol=1e-4)
@@ -212,12 +217,7 @@ def test_ppo_scores_a_cut_off_rollout_as_evaluation_does(tiny_base_model: Path) 
     # (no EOS), one of them filling the whole response window.
     queries = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     answers = [response_ids(tokenizer, responses[0])] + [response_ids(tokenizer, r)[:-1] for r in responses[1:]]
-    context = max(len(query) for query in queries)
-    width = context + max(len(answer) for answer in answers)
-    rows = torch.full((3, width), tokenizer.pad_token_id)
-    for row, (query, answer) in enumerate(zip(queries, answers)):
-        rows[row, context - len(query) : context] = torch.tensor(query)
-        rows[row, context : context + len(answer)] = torch.tensor(answer)
+    rows, context = _rollouts(queries, answers, tokenizer.pad_token_id)
     assert (rows[:, -1] != tokenizer.pad_token_id).any()  # one rollout fills the window
     with torch.no_grad():
         _, raw, _ = get_reward(model, rows, tokenizer.pad_token_id, context)
