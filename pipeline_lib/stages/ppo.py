@@ -60,18 +60,18 @@ class EosClosedReward(torch.nn.Module):
         backbone = getattr(self.reward_model, self.reward_model.base_model_prefix)
         batch, width = input_ids.shape
         rows = torch.arange(batch, device=input_ids.device)
-        mask = attention_mask.long()
-        last = width - 1 - mask.flip(1).argmax(1)  # each row's last real token (padding follows it)
+        last = width - 1 - attention_mask.long().flip(1).argmax(1)  # each row's last real token
         open_rows = rows[input_ids[rows, last] != self.eos_token_id]
+        end = last[open_rows]  # where each open row's EOS goes: end + 1 (right padding follows)
         # One more column, then EOS right after the last token of every open row.
-        ids, mask, positions = (torch.nn.functional.pad(t, (0, 1)) for t in (input_ids, mask, position_ids))
-        ids[open_rows, last[open_rows] + 1] = self.eos_token_id
-        mask[open_rows, last[open_rows] + 1] = 1
-        positions[open_rows, last[open_rows] + 1] = position_ids[open_rows, last[open_rows]] + 1
+        ids, mask, positions = (torch.nn.functional.pad(t.long(), (0, 1)) for t in (input_ids, attention_mask, position_ids))
+        ids[open_rows, end + 1] = self.eos_token_id
+        mask[open_rows, end + 1] = 1
+        positions[open_rows, end + 1] = position_ids[open_rows, end] + 1
         output = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
         hidden = output.hidden_states[-1]
         closed = hidden[:, :width].clone()
-        closed[open_rows, last[open_rows]] = hidden[open_rows, last[open_rows] + 1]
+        closed[open_rows, end] = hidden[open_rows, end + 1]
         output.hidden_states = (*output.hidden_states[:-1], closed)
         return output
 
