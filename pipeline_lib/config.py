@@ -17,7 +17,7 @@ from the environment and they never reach a manifest.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -85,6 +85,12 @@ class DataSection(Section):
     )
     reward_pairs_per_prompt: int = Field(
         1, ge=1, le=120, description="Embedded task: reward-model pairs kept per prompt, widest oracle gap first."
+    )
+    reward_prefix_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [],
+        description="Embedded task: also cut each training response at these fractions of its words (e.g. "
+        "[0.5,0.75]); the oracle scores each prefix and it joins that prompt's reward-model pairs. Held-out "
+        "pairs stay whole responses.",
     )
     sample_max_new_tokens: int = Field(40, ge=4, le=512, description="Embedded task: length limit of sampled responses.")
     sample_temperature: float = Field(1.0, gt=0, le=2, description="Embedded task: sampling temperature for pair generation.")

@@ -390,31 +390,38 @@ def test_ranking_samples_keeps_the_widest_gaps_first() -> None:
     assert sentiment_task.rank_samples("p", ["Same.", "Same."], margin=0.0) == []
 
 
+SAMPLES = ["It was wonderful, a real delight.", "It was fine.", "It opened in May.", "It was awful and boring."]
+
+
+def _prepare_from_samples(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **data_updates):
+    """Run data prep with every prompt's samples replaced by ``SAMPLES``: (config, out_dir, generate options)."""
+    from pipeline_lib import generation
+
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **options):
+        seen.update(options)
+        return [list(SAMPLES) for _ in prompts]
+
+    monkeypatch.setattr(generation, "generate_responses", fake_generate)
+    monkeypatch.setattr("pipeline_lib.models.load_causal_lm", lambda path: None)
+    monkeypatch.setattr("pipeline_lib.models.load_tokenizer", lambda path: None)
+    update = {"pair_source": "sample", "pair_margin": 0.3, "reward_pairs_per_prompt": 6, **data_updates}
+    config = tiny_config.model_copy(
+        update={"data": tiny_config.data.model_copy(update=update), "model": tiny_config.model.model_copy(update={"system_prompt": ""})}
+    )
+    out_dir = tmp_path / "data"
+    data_prep.run(config, tmp_path, out_dir)
+    return config, out_dir, seen
+
+
 def test_sampled_pairs_give_dpo_the_widest_pair_and_the_reward_model_every_pair(
     tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """pair_source=sample: the oracle ranks each prompt's samples; DPO gets (best, worst),
     the reward model up to reward_pairs_per_prompt pairs, SFT the best sample once."""
-    from pipeline_lib import generation
-
-    samples = ["It was wonderful, a real delight.", "It was fine.", "It opened in May.", "It was awful and boring."]
-    seen = {}
-
-    def fake_generate(model, tokenizer, prompts, **options):
-        seen.update(options)
-        return [list(samples) for _ in prompts]
-
-    monkeypatch.setattr(generation, "generate_responses", fake_generate)
-    monkeypatch.setattr("pipeline_lib.models.load_causal_lm", lambda path: None)
-    monkeypatch.setattr("pipeline_lib.models.load_tokenizer", lambda path: None)
-    config = tiny_config.model_copy(
-        update={
-            "data": tiny_config.data.model_copy(update={"pair_source": "sample", "pair_margin": 0.3, "reward_pairs_per_prompt": 6}),
-            "model": tiny_config.model.model_copy(update={"system_prompt": ""}),
-        }
-    )
-    out_dir = tmp_path / "data"
-    data_prep.run(config, tmp_path, out_dir)
+    samples = SAMPLES
+    config, out_dir, seen = _prepare_from_samples(tiny_config, tmp_path, monkeypatch)
 
     expected = sentiment_task.rank_samples("p", samples, 0.3, 6)
     assert len(expected) > 1
@@ -429,3 +436,36 @@ def test_sampled_pairs_give_dpo_the_widest_pair_and_the_reward_model_every_pair(
         {"prompt": row["prompt"], "completion": expected[0]["chosen"]} for row in prompts
     ]
     assert seen["system_prompt"] == "" and seen["num_return_sequences"] == config.data.samples_per_prompt
+
+
+def test_word_prefixes_cut_at_word_boundaries_and_never_keep_the_whole_text() -> None:
+    text = "It was wonderful, a real delight."  # 6 words
+    assert sentiment_task.word_prefixes(text, [0.5, 0.75]) == ["It was wonderful,", "It was wonderful, a"]
+    assert sentiment_task.word_prefixes(text, [0.01]) == ["It"]  # at least one word
+    assert sentiment_task.word_prefixes(text, [0.99]) == ["It was wonderful, a real"]
+    assert sentiment_task.word_prefixes("Fine.", [0.5]) == []  # one word has no proper prefix
+
+
+def test_prefix_pairs_join_the_reward_training_pairs_only(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.reward_prefix_fractions: training prompts' reward pairs rank samples and their
+    prefixes together; DPO, SFT and every held-out pair see whole samples only."""
+    _, plain_dir, _ = _prepare_from_samples(tiny_config, tmp_path / "plain", monkeypatch)
+    _, out_dir, _ = _prepare_from_samples(
+        tiny_config, tmp_path / "prefixed", monkeypatch, reward_prefix_fractions=[0.5], reward_pairs_per_prompt=12
+    )
+    prefixes = [prefix for text in SAMPLES for prefix in sentiment_task.word_prefixes(text, [0.5])]
+    assert "It was wonderful," in prefixes
+    expected = sentiment_task.rank_samples("p", SAMPLES + prefixes, 0.3, 12)
+    reward_train = data_prep.read_jsonl(out_dir / "reward_train.jsonl")
+    prompts = data_prep.read_jsonl(out_dir / "prompts_train.jsonl")
+    assert len(reward_train) == len(prompts) * len(expected)
+    assert [(row["chosen"], row["rejected"]) for row in reward_train[: len(expected)]] == [
+        (pair["chosen"], pair["rejected"]) for pair in expected
+    ]
+    pairs = {(row["chosen"], row["rejected"]) for row in reward_train}
+    assert ("It was wonderful,", "It was awful and boring.") in pairs  # a prefix against another sample
+    assert ("It was", "It was awful and boring.") in pairs  # a sample against its own prefix: only the cut words differ
+    for name in ("pairs_train", "pairs_eval", "sft_train", "sft_eval", "reward_eval"):
+        assert (out_dir / f"{name}.jsonl").read_text() == (plain_dir / f"{name}.jsonl").read_text(), name

@@ -105,6 +105,19 @@ def oracle_score(text: str) -> float:
     return float(_analyzer().polarity_scores(text)["compound"])
 
 
+def word_prefixes(text: str, fractions: list[float]) -> list[str]:
+    """``text`` cut after these fractions of its words (at least one word, never all of them).
+
+    A prefix is a response cut off earlier, which is how PPO's rollouts reach the reward
+    model (most stop at ``response_length``), and the oracle scores it as it scores any
+    response. Pairs between a response and its own prefix differ only in the words cut,
+    so they show the reward model which words move the score, at no sampling cost.
+    """
+    words = text.split(" ")
+    cuts = sorted({max(1, int(len(words) * fraction)) for fraction in fractions})
+    return [" ".join(words[:cut]) for cut in cuts if cut < len(words)]
+
+
 def rank_samples(prompt: str, samples: list[str], margin: float, max_pairs: int = 1) -> list[dict[str, object]]:
     """Up to ``max_pairs`` (better, worse) pairs of distinct samples whose oracle scores
     differ by at least ``margin``, widest gap first: the first is (best, worst).

@@ -43,8 +43,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _sample_pairs(config: PipelineConfig, base_model_dir: Path, prompts: list[str], seed: int) -> tuple[list, list, dict]:
-    """Sample the base model, rank with the oracle: (policy pairs, reward pairs, stats)."""
+def _sample_pairs(
+    config: PipelineConfig, base_model_dir: Path, prompts: list[str], seed: int, prefix_fractions: list[float]
+) -> tuple[list, list, dict]:
+    """Sample the base model, rank with the oracle: (policy pairs, reward pairs, stats).
+
+    Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes;
+    policy pairs over the samples alone."""
     from pipeline_lib.generation import generate_responses
     from pipeline_lib.models import load_causal_lm, load_tokenizer
 
@@ -62,10 +67,11 @@ def _sample_pairs(config: PipelineConfig, base_model_dir: Path, prompts: list[st
         seed=seed,
         system_prompt=config.model.system_prompt,
     )
-    most = max(data.pairs_per_prompt, data.reward_pairs_per_prompt)
-    ranked = [sentiment_task.rank_samples(prompt, texts, data.pair_margin, most) for prompt, texts in zip(prompts, samples)]
-    policy_pairs = [pair for pairs in ranked for pair in pairs[: data.pairs_per_prompt]]
-    reward_pairs = [pair for pairs in ranked for pair in pairs[: data.reward_pairs_per_prompt]]
+    policy_pairs, reward_pairs = [], []
+    for prompt, texts in zip(prompts, samples):
+        policy_pairs += sentiment_task.rank_samples(prompt, texts, data.pair_margin, data.pairs_per_prompt)
+        prefixes = [prefix for text in texts for prefix in sentiment_task.word_prefixes(text.strip(), prefix_fractions)]
+        reward_pairs += sentiment_task.rank_samples(prompt, texts + prefixes, data.pair_margin, data.reward_pairs_per_prompt)
     all_scores = [sentiment_task.oracle_score(text) for texts in samples for text in texts]
     stats = {"sampled_responses": len(all_scores), "sample_oracle_mean": sum(all_scores) / max(1, len(all_scores))}
     return policy_pairs, reward_pairs, stats
@@ -87,8 +93,11 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
         pairs_train = reward_train = sentiment_task.template_pairs(train_prompts, config.seed)
         pairs_eval = reward_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
     else:
-        pairs_train, reward_train, stats = _sample_pairs(config, base_model_dir, train_prompts, config.seed)
-        pairs_eval, reward_eval, eval_stats = _sample_pairs(config, base_model_dir, eval_prompts, config.seed + 1)
+        pairs_train, reward_train, stats = _sample_pairs(
+            config, base_model_dir, train_prompts, config.seed, data.reward_prefix_fractions
+        )
+        # Held-out pairs stay whole responses: the reward model is judged on what it will score.
+        pairs_eval, reward_eval, eval_stats = _sample_pairs(config, base_model_dir, eval_prompts, config.seed + 1, [])
         stats["held_out_sample_oracle_mean"] = eval_stats["sample_oracle_mean"]
     if len(pairs_train) < 2 or not pairs_eval:
         raise DataValidationError(
