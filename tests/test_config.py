@@ -122,11 +122,19 @@ def test_exponent_override_reaches_a_float_field() -> None:
         ("reward.top_k=-1", "reward.top_k"),
         ("dpo.betta=0.2", "dpo.betta"),
         ("tracking.mode=loud", "tracking.mode"),
+        ("data.reward_prefix_fractions=[0.5,1.0]", "data.reward_prefix_fractions.1"),
     ],
 )
 def test_invalid_override_is_rejected_naming_the_field(override: str, field: str) -> None:
     with pytest.raises(ConfigError, match=rf"\b{field}\b"):
         load_config("tiny", env_file=None, overrides=[override])
+
+
+def test_a_list_setting_reads_from_an_override_and_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config("tiny", env_file=None, overrides=["data.reward_prefix_fractions=[0.5, 0.75]"])
+    assert config.data.reward_prefix_fractions == [0.5, 0.75]
+    monkeypatch.setenv("RLHF_DATA__REWARD_PREFIX_FRACTIONS", "[0.25]")
+    assert load_config("tiny", env_file=None).data.reward_prefix_fractions == [0.25]
 
 
 def test_invalid_environment_value_is_rejected_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
