@@ -116,6 +116,12 @@ class SFTSection(TrainSection):
 
 
 class RewardSection(TrainSection):
+    per_device_train_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Prompts per optimizer micro-batch: each prompt's pairs are one example, every distinct "
+        "response forwarded once (stages/reward_groups.py).",
+    )
     num_layers: int = Field(
         0,
         ge=0,

@@ -1,8 +1,8 @@
 """Every stage on the tiny preset: losses logged, the right weights trained, outputs that load.
 
 The whole chain data_prep -> sft -> reward -> dpo -> ppo -> evaluate runs once per session
-(seconds per stage); each test checks one stage's output. Failure rescue and resume run
-SFT on their own.
+(seconds per stage); each test checks one stage's output. Failure rescue runs SFT on its
+own; resume runs SFT and the reward stage on their own.
 """
 
 from __future__ import annotations
@@ -109,6 +109,10 @@ def test_reward_model_trains_top_layers_and_score_head(tiny_pipeline: TinyPipeli
     assert_loss_logged(output)
     assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], output)
     assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0 and metrics["eval_pairs"] == 8
+    # Every training pair is learned from, grouped by prompt (each response forwarded once).
+    train_rows = data_prep.read_jsonl(tiny_pipeline.data / "reward_train.jsonl")
+    assert metrics["train_pairs"] == len(train_rows)
+    assert metrics["train_prompts"] == len({row["prompt"] for row in train_rows})
     model = AutoModelForSequenceClassification.from_pretrained(output, use_safetensors=True)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     assert model.score.weight.shape == (1, 64)
@@ -227,11 +231,24 @@ def test_failed_training_saves_the_partial_model_and_names_the_stage(
     assert not (tmp_path / "model.safetensors").exists(), "a failed stage never writes its output in place"
 
 
-def test_interrupted_sft_resumes_and_matches_an_uninterrupted_run(
-    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_reward_stage_names_max_length_when_no_pair_fits(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    config = load_config("tiny", overrides=[f"output_root={tmp_path}", "reward.max_length=8"], env_file=None)
+    with pytest.raises(training.StageFailed, match="no training example fits reward.max_length=8"):
+        reward.run(config, tiny_pipeline.outputs["sft"], tiny_pipeline.data, tmp_path / "reward")
+    assert not (tmp_path / "reward" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_an_interrupted_stage_resumes_and_matches_an_uninterrupted_run(
+    stage: str, tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = tiny_pipeline.config
-    assert (config.sft.max_steps, config.sft.save_steps) == (4, 2)
+    section = getattr(config, stage)
+    assert (section.max_steps, section.save_steps) == (4, 2)
+    run_stage = {
+        "sft": lambda: sft.run(config, tiny_pipeline.base, tiny_pipeline.data, tmp_path),
+        "reward": lambda: reward.run(config, tiny_pipeline.outputs["sft"], tiny_pipeline.data, tmp_path),
+    }[stage]
     train_resumable = training.train_resumable
 
     def with_callback(callback: TrainerCallback):
@@ -243,19 +260,19 @@ def test_interrupted_sft_resumes_and_matches_an_uninterrupted_run(
 
     crash = CrashAfterStep(2, RuntimeError("simulated interruption"))
     monkeypatch.setattr(training, "train_resumable", with_callback(crash))
-    with pytest.raises(training.StageFailed, match="sft failed: RuntimeError: simulated interruption"):
-        sft.run(config, tiny_pipeline.base, tiny_pipeline.data, tmp_path)
+    with pytest.raises(training.StageFailed, match=f"{stage} failed: RuntimeError: simulated interruption"):
+        run_stage()
     assert training.latest_checkpoint(tmp_path).endswith("checkpoint-2")
 
     steps = RecordSteps()
     monkeypatch.setattr(training, "train_resumable", with_callback(steps))
-    metrics = sft.run(config, tiny_pipeline.base, tiny_pipeline.data, tmp_path)
+    metrics = run_stage()
 
     assert metrics["resumed_from_checkpoint"] is True
     assert steps.steps == [3, 4], "the second run continues after checkpoint-2 instead of starting over"
     assert [entry["step"] for entry in logged(tmp_path) if "loss" in entry] == [1, 2, 3, 4]
     resumed = load_file(tmp_path / "model.safetensors")
-    uninterrupted = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors")
+    uninterrupted = load_file(tiny_pipeline.outputs[stage] / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)

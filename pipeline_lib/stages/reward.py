@@ -2,7 +2,9 @@
 
 Inputs: the SFT model directory (the reward model starts from it, with a scalar
 ``score`` head) and data prep's ``reward_train.jsonl``/``reward_eval.jsonl``
-(prompt, chosen, rejected). Trained on the Bradley-Terry pairwise loss; only the top
+(prompt, chosen, rejected). Trained on the Bradley-Terry pairwise loss, with each
+prompt's pairs as one example that forwards every distinct response once
+(``reward_groups``; ``reward.per_device_train_batch_size`` counts prompts); only the top
 ``reward.top_k`` decoder layers and the head train. ``reward.num_layers`` keeps only the
 bottom N layers of SFT (a shallower, cheaper reward model; PPO's value model inherits it).
 Every sequence is laid out as PPO's rollouts are (chat prompt, response, EOS; see
@@ -21,27 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.generation import reward_scores, scored_sequence_ids
+from pipeline_lib.generation import reward_scores
 from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores
 from pipeline_lib.models import freeze_all_but_top_k, load_sequence_classifier, load_tokenizer
 from pipeline_lib.stages import training
 from pipeline_lib.stages.data_prep import read_jsonl
-
-
-def tokenized_pairs(rows: list[dict[str, str]], tokenizer, system_prompt: str | None = None):
-    """Pre-tokenized pairs in ``scored_sequence_ids`` layout (ending at EOS), so the reward
-    model learns to read the reward where PPO and evaluation read it."""
-    from datasets import Dataset
-
-    return Dataset.from_list(
-        [
-            {
-                "chosen_ids": scored_sequence_ids(tokenizer, row["prompt"], row["chosen"], system_prompt),
-                "rejected_ids": scored_sequence_ids(tokenizer, row["prompt"], row["rejected"], system_prompt),
-            }
-            for row in rows
-        ]
-    )
 
 
 def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
@@ -53,7 +39,10 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prom
 
 
 def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
-    from trl import RewardConfig, RewardTrainer
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from pipeline_lib.stages.reward_groups import GroupedRewardTrainer, prompt_groups
 
     # --- setup
     section = config.reward
@@ -75,8 +64,9 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
         max_length=section.max_length,
         eval_strategy="no",
     )
-    trainer = RewardTrainer(
-        model=model, args=args, train_dataset=tokenized_pairs(train_rows, tokenizer, system_prompt), processing_class=tokenizer
+    groups = prompt_groups(train_rows, tokenizer, section.max_length, system_prompt)
+    trainer = GroupedRewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer
     )
     train_metrics = training.train_resumable("reward", trainer, out_dir)
     # --- evaluate and save
@@ -88,6 +78,8 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
         "train_loss": train_metrics.get("train_loss"),
         "pairwise_accuracy": accuracy,
         "pairwise_accuracy_before": accuracy_before,
+        "train_prompts": len(groups),
+        "train_pairs": sum(len(group["chosen_index"]) for group in groups),
         "eval_pairs": len(eval_rows),
         "logged_losses": len(history),
         "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
