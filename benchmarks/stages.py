@@ -1,8 +1,8 @@
 """Benchmark every pipeline stage directly (no Prefect): wall time, peak memory, key metrics.
 
-Runs, in order and each into its own directory under the output root:
-materialize_base_model -> data_prep -> sft -> reward -> dpo -> ppo -> evaluate
-(policies base/sft/dpo/ppo). Each stage runs in a fresh child process (multiprocessing,
+Runs, in order and each into its own directory under the output root: the base model,
+then every declared stage in DAG order (data_prep, sft, reward, dpo, ppo, ..., evaluate;
+evaluation judges the base model and every policy stage). Each stage runs in a fresh child process (multiprocessing,
 spawn), so its peak RSS is its own: the child reports getrusage(RUSAGE_SELF).ru_maxrss,
 which includes importing torch/transformers/TRL (about 0.5-0.7 GiB of the figure).
 Stage directories are wiped first, so trainers never resume from an earlier run's
@@ -35,36 +35,29 @@ from queue import Empty
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("base_model", "data_prep", "sft", "reward", "dpo", "ppo", "evaluate")
-KEY_METRICS = {
-    "data_prep": ("rows_pairs_train", "rows_pairs_eval", "sample_oracle_mean", "held_out_sample_oracle_mean"),
-    "sft": ("train_loss", "eval_loss", "trainable_parameters"),
-    "reward": ("train_loss", "pairwise_accuracy_before", "pairwise_accuracy"),
-    "dpo": ("train_loss", "final_reward_margin", "final_reward_accuracy"),
-    "ppo": ("first_reward_model_score", "final_reward_model_score", "final_kl"),
-    "evaluate": ("reward_model_pairwise_accuracy", "sft/oracle_mean", "dpo/oracle_mean", "ppo/oracle_mean"),
-}
+from pipeline_lib import registry  # noqa: E402
+
+STAGES = ("base_model", *registry.stage_names())
+
+
+def key_metrics(name: str) -> tuple[str, ...]:
+    if name == "base_model":
+        return ()
+    declared = registry.stage(name)
+    if declared.judges_policies:  # one oracle figure per policy
+        return (*declared.key_metrics, *(f"{policy}/oracle_mean" for policy in registry.policy_names()))
+    return declared.key_metrics
 
 
 def _stage(name: str, cfg, root: Path):
     from pipeline_lib.data import sentiment_task
     from pipeline_lib.models import materialize_base_model
-    from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft
 
     base = materialize_base_model(cfg.model, root / "models", sentiment_task.corpus())
-    d = {stage: root / stage for stage in STAGES[1:]}
-    if name in ("base_model", "data_prep"):
-        return {"path": str(base)} if name == "base_model" else data_prep.run(cfg, base, d["data_prep"])
-    if name == "sft":
-        return sft.run(cfg, base, d["data_prep"], d["sft"])
-    if name == "reward":
-        return reward.run(cfg, d["sft"], d["data_prep"], d["reward"])
-    if name == "dpo":
-        return dpo.run(cfg, d["sft"], d["data_prep"], d["dpo"])
-    if name == "ppo":
-        return ppo.run(cfg, d["sft"], d["reward"], d["data_prep"], d["ppo"])
-    policies = {"base": base, "sft": d["sft"], "dpo": d["dpo"], "ppo": d["ppo"]}
-    return evaluate.run(cfg, policies, d["reward"], d["data_prep"], d["evaluate"])
+    if name == "base_model":
+        return {"path": str(base)}
+    earlier = {stage: root / stage for stage in STAGES[1 : STAGES.index(name)]}
+    return registry.stage(name).run(cfg, registry.stage_inputs(name, earlier, base), root / name)
 
 
 def _child(name: str, cfg, root: Path, queue) -> None:
@@ -128,7 +121,7 @@ def main() -> int:
     print(f"\npreset={args.preset} config={args.config} overrides={args.overrides}")
     print(f"{'stage':<11}{'wall s':>8}{'peak MiB':>10}  key metrics")
     for row in rows:
-        keys = KEY_METRICS.get(row["stage"], ())
+        keys = key_metrics(row["stage"])
         shown = ", ".join(f"{k}={_fmt(row['metrics'].get(k))}" for k in keys) or ("FAILED" if row["error"] else "")
         print(f"{row['stage']:<11}{row['wall_s']:>8.1f}{row['peak_rss_mib']:>10.0f}  {shown}")
     print(f"{'total':<11}{total:>8.1f}")

@@ -33,15 +33,16 @@ from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from pipeline_lib.config import STAGES, ConfigError, PipelineConfig, available_presets, check_top_k, load_config
+from pipeline_lib.config import PipelineConfig, available_presets, check_top_k, load_config
 from pipeline_lib.data import sentiment_task
-from pipeline_lib.data.schemas import DataValidationError
+from pipeline_lib.errors import PipelineError, StageFailed
 from pipeline_lib.models import materialize_base_model, num_decoder_layers
-from pipeline_lib.plan import Plan, make_plan
-from tasks.stages import STAGE_TASKS, StageResult, prefect_dir, stage_cache_policy
+from pipeline_lib.plan import Plan, make_plan, parse_stage_list
+from pipeline_lib.registry import stage_names
+from tasks.stages import StageResult, prefect_dir, stage_cache_policy, stage_task
 
 Preset = Enum("Preset", {name: name for name in available_presets()}, type=str)
-Stage = Enum("Stage", {name: name for name in STAGES}, type=str)
+Stage = Enum("Stage", {name: name for name in stage_names()}, type=str)
 
 
 class RunParameters(BaseModel):
@@ -53,7 +54,8 @@ class RunParameters(BaseModel):
         default_factory=list, description="Dotted overrides applied last, e.g. 'dpo.beta=0.2', 'sft.top_k=0'."
     )
     stages: list[Stage] = Field(
-        default_factory=lambda: list(Stage), description="Stages to run; what they need is added automatically."
+        default_factory=list,
+        description="Stages to run, with what they need (none = the preset's stages, normally every stage).",
     )
     force: list[Stage] = Field(default_factory=list, description="Stages to re-run (with their descendants) even if cached.")
     output_root: str | None = Field(None, description="Where the store, caches and results live (default: the config's .data).")
@@ -77,32 +79,25 @@ def prepare_base_model(config: PipelineConfig) -> Path:
 
 
 def submit_stages(config: PipelineConfig, plan: Plan, base_model_dir: Path) -> dict[str, Any]:
-    """Submit one task per planned stage, wired by the results they read."""
+    """Submit one task per planned stage, each given the futures of the stages it reads."""
     policy = stage_cache_policy(config)
     storage = prefect_dir(config) / "results"
     futures: dict[str, Any] = {}
     for stage in plan.stages:
-        task = STAGE_TASKS[stage.name].with_options(
+        task = stage_task(stage.name).with_options(
             cache_policy=policy,
             result_storage=storage,
             # Prefect only knows its own records: refresh when the store lacks the output.
             refresh_cache=stage.will_run,
         )
-        common = {"stage_name": stage.name, "key": stage.key, "config": config, "rerun": stage.forced}
-        inputs = {
-            "data_prep": lambda: {"base_model_dir": str(base_model_dir)},
-            "sft": lambda: {"base_model_dir": str(base_model_dir), "data": futures["data_prep"]},
-            "reward": lambda: {"data": futures["data_prep"], "sft_model": futures["sft"]},
-            "dpo": lambda: {"data": futures["data_prep"], "sft_model": futures["sft"]},
-            "ppo": lambda: {"data": futures["data_prep"], "sft_model": futures["sft"], "reward_model": futures["reward"]},
-            "evaluate": lambda: {
-                "base_model_dir": str(base_model_dir),
-                "data": futures["data_prep"],
-                "reward_model": futures["reward"],
-                "policies": {name: futures[name] for name in ("sft", "dpo", "ppo") if name in futures},
-            },
-        }[stage.name]()
-        futures[stage.name] = task.submit(**common, **inputs)
+        futures[stage.name] = task.submit(
+            stage_name=stage.name,
+            key=stage.key,
+            rerun=stage.forced,
+            config=config,
+            base_model_dir=str(base_model_dir),
+            upstream={name: futures[name] for name in stage.upstream},
+        )
     return futures
 
 
@@ -181,30 +176,45 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     publish_artifacts(plan, results)
     summary = run_summary(plan, results, failures)
     if failures:
-        first = next(name for name in STAGES if name in failures)
-        raise RuntimeError(f"stage {first} failed: {failures[first]}")
+        first = next(name for name in plan.names() if name in failures)
+        raise StageFailed(f"stage {first} failed: {failures[first]}")
     return summary
 
 
-def run_summary(plan: Plan, results: dict[str, StageResult], failures: dict[str, str] | None = None) -> dict[str, Any]:
+def run_summary(
+    plan: Plan,
+    results: dict[str, StageResult] | None = None,
+    failures: dict[str, str] | None = None,
+    status: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The JSON object that ends every run's standard output, in one shape for a finished
+    run, a failed one (from the flow's results, or from the store alone when the flow
+    could not say) and a dry run: overall status, then each stage's key, path, whether it
+    was cached and its status, then the evaluation."""
     failures = failures or {}
     stages = {}
     for stage in plan.stages:
-        result = results.get(stage.name)
-        stages[stage.name] = {
-            "key": stage.key,
-            "path": str(stage.path),
-            "cached": result is not None and not result.trained,
-            "status": "completed" if result else "failed" if stage.name in failures else "not run",
-        }
+        if results is None:  # no results from the flow: the store says what is finished
+            cached = not stage.will_run
+            if status == "dry-run":
+                state = "cached" if cached else "forced" if stage.forced else "will run"
+            else:
+                state = "completed" if stage.cached else "not completed"
+        else:
+            result = results.get(stage.name)
+            cached = result is not None and not result.trained
+            state = "completed" if result else "failed" if stage.name in failures else "not run"
+        stages[stage.name] = {"key": stage.key, "path": str(stage.path), "cached": cached, "status": state}
         if stage.name in failures:
             stages[stage.name]["error"] = failures[stage.name]
-    evaluation = results.get("evaluate")
-    return {
-        "status": "failed" if failures else "completed",
-        "stages": stages,
-        "evaluation": json.loads((Path(evaluation.path) / "eval.json").read_text()) if evaluation else None,
-    }
+    evaluation = (results or {}).get("evaluate")
+    summary: dict[str, Any] = {"status": status or ("failed" if failures else "completed")}
+    if error:
+        summary["error"] = error
+    summary["stages"] = stages
+    summary["evaluation"] = json.loads((Path(evaluation.path) / "eval.json").read_text()) if evaluation else None
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override one setting, e.g. --set dpo.beta=0.2 (repeatable); see .env.example for every field",
     )
-    parser.add_argument("--stages", help=f"comma-separated stages to run, with what they need ({','.join(STAGES)})")
+    parser.add_argument("--stages", help=f"comma-separated stages to run, with what they need ({','.join(stage_names())})")
     parser.add_argument("--force", help="comma-separated stages to re-run with their descendants even if cached")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached; train nothing")
     parser.add_argument("--output-root", help="where the store, caches and results live (default .data)")
@@ -234,10 +244,7 @@ def parameters_from_args(args: argparse.Namespace) -> RunParameters:
     for name in ("stages", "force"):
         names = split(getattr(args, name))
         if names:
-            unknown = [n for n in names if n not in STAGES]
-            if unknown:
-                raise ConfigError(f"--{name}: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-            fields[name] = names
+            fields[name] = parse_stage_list(names, what=f"--{name}")
     return RunParameters(**fields)
 
 
@@ -246,15 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = parameters_from_args(args)
         config = params.config()
+        parse_stage_list(config.stages, what="stages")  # a stage named in the config must exist
         if args.dry_run:
             plan = make_plan(config, params.stage_names(), params.force_names())
             for stage in plan.stages:
                 state = "cached" if not stage.will_run else ("forced" if stage.forced else "will run")
                 print(f"{stage.name:<10} {stage.key}  {state}" + (f"  ({stage.problem})" if stage.problem else ""))
-            summary = {"status": "dry-run", "stages": {s.name: {"key": s.key, "path": str(s.path), "cached": not s.will_run} for s in plan.stages}}
-            print(json.dumps(summary))
+            print(json.dumps(run_summary(plan, status="dry-run")))
             return 0
-    except (ConfigError, DataValidationError) as error:
+    except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         print(json.dumps({"status": "invalid", "error": str(error)}))
         return 2
@@ -264,13 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # The flow failed: report what the store holds for each planned stage.
     plan = make_plan(config, params.stage_names())
-    summary = {
-        "status": "failed",
-        "error": str(state.message),
-        "stages": {s.name: {"key": s.key, "path": str(s.path), "cached": s.cached, "status": "completed" if s.cached else "not completed"} for s in plan.stages},
-        "evaluation": None,
-    }
-    print(json.dumps(summary))
+    print(json.dumps(run_summary(plan, status="failed", error=str(state.message))))
     return 1
 
 

@@ -23,12 +23,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from pipeline_lib.errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "presets"
-STAGES = ("data_prep", "sft", "reward", "dpo", "ppo", "evaluate")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 class Section(BaseModel):
@@ -155,6 +152,36 @@ class PPOSection(TrainSection):
         return self
 
 
+class GRPOSection(TrainSection):
+    """``per_device_train_batch_size`` counts sampled responses, as in TRL: each step
+    samples ``per_device_train_batch_size * gradient_accumulation_steps`` responses,
+    ``num_generations`` per prompt."""
+
+    num_generations: int = Field(4, ge=2, le=64, description="Responses sampled per prompt; each is scored against its group's mean.")
+    max_completion_length: int = Field(24, ge=4, le=1024, description="Tokens generated per response.")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the responses.")
+    beta: float = Field(
+        0.04, ge=0, description="Weight of the KL penalty to SFT (0 = none, and no reference model is loaded)."
+    )
+    num_iterations: int = Field(1, ge=1, description="Policy updates per batch of sampled responses (the paper's mu).")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field(
+        "dapo", description="How token losses are averaged (TRL's loss_type; 'grpo' is the paper's per-sequence mean)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the group's reward std ('group', the paper), the batch's, or not at all."
+    )
+
+    @model_validator(mode="after")
+    def _whole_groups_per_batch(self) -> "GRPOSection":
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size x gradient_accumulation_steps ({batch}) must be a multiple of "
+                f"num_generations ({self.num_generations}): every batch holds whole groups of responses"
+            )
+        return self
+
+
 class EvaluateSection(Section):
     max_new_tokens: int = Field(40, ge=1, le=1024, description="Tokens generated per held-out prompt.")
     num_prompts: int = Field(0, ge=0, description="Held-out prompts to evaluate (0 = all).")
@@ -174,12 +201,18 @@ class PipelineConfig(Section):
     preset: str = Field("default", description="Preset the config started from.")
     seed: int = Field(42, ge=0, description="Seed for data splits, sampling and training.")
     output_root: Path = Field(Path(".data"), description="Where the store, caches, Prefect results and wandb runs live.")
+    stages: list[str] = Field(
+        [],
+        description="Stages a run includes when none are selected with --stages (empty = every stage); what they "
+        "need is added automatically.",
+    )
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     sft: SFTSection = Field(default_factory=SFTSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
     ppo: PPOSection = Field(default_factory=PPOSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
@@ -191,18 +224,9 @@ class PipelineConfig(Section):
             raise ValueError("tracking.mode is 'online' but WANDB_API_KEY is not set; use 'offline' or set the key")
         return self
 
-    def stage_section(self, stage: str) -> dict[str, Any]:
-        """The part of the config a stage's key depends on."""
-        sections = {
-            "data_prep": {"model": self.model, "data": self.data},
-            "sft": {"sft": self.sft},
-            "reward": {"reward": self.reward},
-            "dpo": {"dpo": self.dpo},
-            "ppo": {"ppo": self.ppo},
-            "evaluate": {"evaluate": self.evaluate},
-        }
-        parts = sections[stage]
-        return {"seed": self.seed, **{name: part.model_dump(mode="json") for name, part in parts.items()}}
+    def train_sections(self) -> dict[str, "TrainSection"]:
+        """Every training stage's section, by name."""
+        return {name: value for name, value in self if isinstance(value, TrainSection)}
 
 
 def available_presets() -> list[str]:
@@ -290,8 +314,8 @@ def check_top_k(config: PipelineConfig, num_layers: int) -> None:
     if config.reward.num_layers > num_layers:
         raise ConfigError(f"reward.num_layers: {config.reward.num_layers} is above the base model's {num_layers} decoder layers")
     reward_layers = config.reward.num_layers or num_layers
-    for stage in ("sft", "reward", "dpo", "ppo"):
-        top_k = getattr(config, stage).top_k
+    for stage, section in config.train_sections().items():
+        top_k = section.top_k
         # The reward model, and PPO's value model made from it, have reward.num_layers layers.
         available = reward_layers if stage in ("reward", "ppo") else num_layers
         if top_k > available:

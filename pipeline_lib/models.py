@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.config import ModelSection
+from pipeline_lib.errors import ModelError
 from pipeline_lib.store import sha256_file, sha256_text
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-class ModelError(RuntimeError):
-    pass
 
 
 def _smollm2_gguf_dir() -> Path:

@@ -1,13 +1,13 @@
 """The DAG, the stage keys and what is already in the store: everything ``--dry-run`` prints.
 
-Only this module and the flow know the order of stages. Dependencies follow what each
-stage reads:
+The DAG comes from the stages' declarations (``pipeline_lib.registry``): each stage
+runs after the stages it reads, for the default stages
 
-    data_prep -> sft -> reward -> ppo ----\\
-                     \\-> dpo -------------+-> evaluate
+    data_prep -> sft -> reward -> ppo, grpo --\\
+                     \\-> dpo ------------------+-> evaluate
 
 Evaluate needs SFT and the reward model, and evaluates every other policy that is part
-of the run (DPO and PPO are optional inputs of it). Selecting stages pulls in what they
+of the run (every policy stage is an optional input of it). Selecting stages pulls in what they
 need and nothing else. ``force`` re-runs the named stages and all their descendants.
 """
 
@@ -16,30 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline_lib import generation, metrics, models
-from pipeline_lib.config import STAGES, ConfigError, PipelineConfig
-from pipeline_lib.data import schemas, sentiment_task, sources
-from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft, training
-from pipeline_lib.store import Store, code_version, sha256_text, stage_key
-
-REQUIRED = {
-    "data_prep": (),
-    "sft": ("data_prep",),
-    "reward": ("data_prep", "sft"),
-    "dpo": ("data_prep", "sft"),
-    "ppo": ("data_prep", "sft", "reward"),
-    "evaluate": ("data_prep", "sft", "reward"),
-}
-OPTIONAL = {"evaluate": ("dpo", "ppo")}
-# The modules whose source each stage's output depends on: editing one changes the key.
-STAGE_MODULES = {
-    "data_prep": (data_prep, schemas, sources, sentiment_task, generation, models),
-    "sft": (sft, training, models),
-    "reward": (reward, training, models, generation, metrics),
-    "dpo": (dpo, reward, training, models),
-    "ppo": (ppo, training, models, generation),
-    "evaluate": (evaluate, generation, metrics, models, sentiment_task),
-}
+from pipeline_lib import models, registry
+from pipeline_lib.config import ConfigError, PipelineConfig
+from pipeline_lib.data import sources
+from pipeline_lib.store import Store, sha256_text, stage_key
 
 
 @dataclass
@@ -69,13 +49,16 @@ class Plan:
         return [stage.name for stage in self.stages]
 
 
-def parse_stage_list(value: str | list[str] | None) -> list[str]:
+def parse_stage_list(value: str | list[str] | None, default: list[str] | None = None, what: str = "stages") -> list[str]:
+    """Stage names from a comma-separated string or a list; ``default`` (every stage if
+    None) when empty. Unknown names are a ConfigError naming ``what`` was given."""
+    known = registry.stage_names()
     if not value:
-        return list(STAGES)
+        return list(default or known)
     names = [name.strip() for name in (value.split(",") if isinstance(value, str) else value) if name.strip()]
-    unknown = [name for name in names if name not in STAGES]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise ConfigError(f"stages: unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+        raise ConfigError(f"{what}: unknown stage(s) {unknown}; choose from {', '.join(known)}")
     return names
 
 
@@ -87,12 +70,12 @@ def closure(selected: list[str]) -> list[str]:
         name = pending.pop()
         if name not in needed:
             needed.add(name)
-            pending.extend(REQUIRED[name])
-    return [name for name in STAGES if name in needed]
+            pending.extend(registry.stage(name).requires)
+    return [name for name in registry.stage_names() if name in needed]
 
 
 def upstream_of(name: str, included: list[str]) -> list[str]:
-    return list(REQUIRED[name]) + [dep for dep in OPTIONAL.get(name, ()) if dep in included]
+    return registry.inputs_of(name, included)
 
 
 def descendants(names: list[str], included: list[str]) -> set[str]:
@@ -120,15 +103,16 @@ def store_for(config: PipelineConfig) -> Store:
 
 
 def make_plan(config: PipelineConfig, stages: str | list[str] | None = None, force: str | list[str] | None = None) -> Plan:
-    included = closure(parse_stage_list(stages))
-    forced = descendants(parse_stage_list(force), included) if force else set()
+    included = closure(parse_stage_list(stages, config.stages, "stages"))
+    forced = descendants(parse_stage_list(force, what="force"), included) if force else set()
     fingerprint = data_fingerprint(config)
     store = store_for(config)
     plan = Plan(data_fingerprint=fingerprint)
     keys: dict[str, str] = {}
     for name in included:
         upstream = {dep: keys[dep] for dep in upstream_of(name, included)}
-        key = stage_key(name, config.stage_section(name), upstream, fingerprint, code_version(*STAGE_MODULES[name]))
+        stage = registry.stage(name)
+        key = stage_key(name, stage.config_section(config), upstream, fingerprint, registry.code_version(name))
         keys[name] = key
         problem = store.validate(name, key) if store.path(name, key).exists() else "not in the store"
         plan.stages.append(

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib.errors import StoreError
+
 MANIFEST = "manifest.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets")
 # Directories inside a partial output that are scratch, never published.
@@ -89,10 +91,6 @@ class StageOutput:
     key: str
     path: Path
     manifest: dict[str, Any]
-
-
-class StoreError(RuntimeError):
-    pass
 
 
 class Store:

@@ -1,7 +1,7 @@
-"""One thin Prefect task per stage: cache key, lock, logging, a link artifact. No ML here.
+"""One thin, generic Prefect task for every stage: cache key, lock, logging, a link artifact. No ML here.
 
-Each task is called with the run's config, the stage key the plan computed and the
-results of its upstream stages, and returns a small ``StageResult`` (stage, key, path,
+The task is called with a stage's name, the run's config, the stage key the plan
+computed and the results of its upstream stages, and returns a small ``StageResult`` (stage, key, path,
 metrics): paths travel between tasks, never models.
 
 Caching: the Prefect cache key *is* the stage key (``CacheKeyFnPolicy``), results are
@@ -23,10 +23,10 @@ from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from pipeline_lib import cores
+from pipeline_lib import cores, registry
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.plan import store_for
-from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft
+from pipeline_lib.registry import BASE_MODEL
 from tasks.locking import ProcessBoundLockManager
 
 
@@ -72,7 +72,7 @@ def execute(
         logger.info("%s %s: running in %s (%d torch threads)", stage, key[:12], work_dir, threads)
         metrics = train(work_dir)
     manifest = {
-        "config": config.stage_section(stage),
+        "config": registry.stage(stage).config_section(config),
         "upstream": {name: {"key": result.key, "path": result.path} for name, result in upstream.items()},
         "metrics": metrics,
         "timings": {"seconds": round(time.time() - started, 2)},
@@ -88,73 +88,21 @@ def execute(
     return StageResult(stage=stage, key=key, path=str(output.path), metrics=metrics)
 
 
-# Each task takes ``stage_name`` so one cache-key function serves them all.
+# One task for every stage; the flow names each run after its stage (``stage_task``).
 TASK_OPTIONS = dict(persist_result=True, retries=0, task_run_name="{stage_name}-{key:.12}")
 
 
-@task(name="data_prep", **TASK_OPTIONS)
-def data_prep_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, base_model_dir: str) -> StageResult:
-    return execute(stage_name, key, config, {}, lambda out: data_prep.run(config, Path(base_model_dir), out), rerun)
-
-
-@task(name="sft", **TASK_OPTIONS)
-def sft_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, base_model_dir: str, data: StageResult) -> StageResult:
-    return execute(stage_name, key, config, {"data_prep": data}, lambda out: sft.run(config, Path(base_model_dir), Path(data.path), out), rerun)
-
-
-@task(name="reward", **TASK_OPTIONS)
-def reward_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, data: StageResult, sft_model: StageResult) -> StageResult:
-    return execute(
-        stage_name, key, config, {"data_prep": data, "sft": sft_model},
-        lambda out: reward.run(config, Path(sft_model.path), Path(data.path), out),
-        rerun,
-    )
-
-
-@task(name="dpo", **TASK_OPTIONS)
-def dpo_task(stage_name: str, key: str, rerun: bool, config: PipelineConfig, data: StageResult, sft_model: StageResult) -> StageResult:
-    return execute(
-        stage_name, key, config, {"data_prep": data, "sft": sft_model},
-        lambda out: dpo.run(config, Path(sft_model.path), Path(data.path), out),
-        rerun,
-    )
-
-
-@task(name="ppo", **TASK_OPTIONS)
-def ppo_task(
-    stage_name: str, key: str, rerun: bool, config: PipelineConfig, data: StageResult, sft_model: StageResult, reward_model: StageResult
+@task(name="stage", **TASK_OPTIONS)
+def run_stage(
+    stage_name: str, key: str, rerun: bool, config: PipelineConfig, base_model_dir: str, upstream: dict[str, StageResult]
 ) -> StageResult:
-    return execute(
-        stage_name, key, config, {"data_prep": data, "sft": sft_model, "reward": reward_model},
-        lambda out: ppo.run(config, Path(sft_model.path), Path(reward_model.path), Path(data.path), out),
-        rerun,
-    )
+    """Run one declared stage on the outputs of its upstream stages (paths, never models)."""
+    stage = registry.stage(stage_name)
+    inputs = {BASE_MODEL: Path(base_model_dir), **{name: Path(result.path) for name, result in upstream.items()}}
+    return execute(stage_name, key, config, upstream, lambda out: stage.run(config, inputs, out), rerun)
 
 
-@task(name="evaluate", **TASK_OPTIONS)
-def evaluate_task(
-    stage_name: str,
-    key: str,
-    rerun: bool,
-    config: PipelineConfig,
-    base_model_dir: str,
-    data: StageResult,
-    reward_model: StageResult,
-    policies: dict[str, StageResult],
-) -> StageResult:
-    policy_dirs = {"base": Path(base_model_dir), **{name: Path(result.path) for name, result in policies.items()}}
-    return execute(
-        stage_name, key, config, {"data_prep": data, "reward": reward_model, **policies},
-        lambda out: evaluate.run(config, policy_dirs, Path(reward_model.path), Path(data.path), out),
-        rerun,
-    )
-
-
-STAGE_TASKS = {
-    "data_prep": data_prep_task,
-    "sft": sft_task,
-    "reward": reward_task,
-    "dpo": dpo_task,
-    "ppo": ppo_task,
-    "evaluate": evaluate_task,
-}
+def stage_task(stage_name: str):
+    """The Prefect task of one stage: ``run_stage`` under the stage's name, so the UI, the
+    logs and the cache records read "dpo", "ppo", ... ."""
+    return run_stage.with_options(name=stage_name)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.data import sentiment_task
+from pipeline_lib.data.files import read_jsonl
 from pipeline_lib.data.schemas import DataValidationError, normalize_rows
 from pipeline_lib.data.sources import load_rows, source_fingerprint, split_rows, take_percent
 from pipeline_lib.stages import data_prep
@@ -327,18 +328,18 @@ DATA_PREP_FILES = {
 
 def test_data_prep_template_pairs_keep_held_out_subjects_unseen(tiny_config, tmp_path: Path) -> None:
     out_dir = tmp_path / "data"
-    metrics = data_prep.run(tiny_config, None, out_dir)
+    metrics = data_prep.run(tiny_config, {}, out_dir)
 
     assert {path.name for path in out_dir.iterdir()} == DATA_PREP_FILES
     assert metrics["rows_pairs_train"] == tiny_config.data.num_prompts == 32
     assert metrics["rows_prompts_eval"] == tiny_config.data.num_eval_prompts == 8
-    pairs = data_prep.read_jsonl(out_dir / "pairs_train.jsonl")
+    pairs = read_jsonl(out_dir / "pairs_train.jsonl")
     assert all(pair["chosen"] != pair["rejected"] for pair in pairs)
-    sft = data_prep.read_jsonl(out_dir / "sft_train.jsonl")
+    sft = read_jsonl(out_dir / "sft_train.jsonl")
     assert sft == [{"prompt": pair["prompt"], "completion": pair["chosen"]} for pair in pairs]
 
     def subjects(name: str) -> set[str]:
-        return {sentiment_task.subject_of(row["prompt"]) for row in data_prep.read_jsonl(out_dir / name)}
+        return {sentiment_task.subject_of(row["prompt"]) for row in read_jsonl(out_dir / name)}
 
     train_subjects, eval_subjects = subjects("prompts_train.jsonl"), subjects("prompts_eval.jsonl")
     assert len(train_subjects) == 32 and len(eval_subjects) == 8
@@ -357,12 +358,12 @@ def test_data_prep_on_a_local_file_splits_and_applies_percentages(tmp_path: Path
         "tiny", env_file=None, overrides=[f"data.source={path}", "data.train_percent=50", f"output_root={tmp_path}"]
     )
 
-    data_prep.run(config, None, tmp_path / "data")
+    data_prep.run(config, {}, tmp_path / "data")
 
     expected_train, expected_eval = split_rows(rows, 20, seed=config.seed)
-    assert data_prep.read_jsonl(tmp_path / "data" / "pairs_eval.jsonl") == expected_eval
-    assert data_prep.read_jsonl(tmp_path / "data" / "pairs_train.jsonl") == expected_train[:8]
-    assert data_prep.read_jsonl(tmp_path / "data" / "reward_train.jsonl") == expected_train
+    assert read_jsonl(tmp_path / "data" / "pairs_eval.jsonl") == expected_eval
+    assert read_jsonl(tmp_path / "data" / "pairs_train.jsonl") == expected_train[:8]
+    assert read_jsonl(tmp_path / "data" / "reward_train.jsonl") == expected_train
     assert json.loads((tmp_path / "data" / "data_card.json").read_text())["schema"] == "prompt_chosen_rejected"
 
 
@@ -411,7 +412,7 @@ def _prepare_from_samples(tiny_config, tmp_path: Path, monkeypatch: pytest.Monke
         update={"data": tiny_config.data.model_copy(update=update), "model": tiny_config.model.model_copy(update={"system_prompt": ""})}
     )
     out_dir = tmp_path / "data"
-    data_prep.run(config, tmp_path, out_dir)
+    data_prep.run(config, {"base_model": tmp_path}, out_dir)
     return config, out_dir, seen
 
 
@@ -425,14 +426,14 @@ def test_sampled_pairs_give_dpo_the_widest_pair_and_the_reward_model_every_pair(
 
     expected = sentiment_task.rank_samples("p", samples, 0.3, 6)
     assert len(expected) > 1
-    pairs = data_prep.read_jsonl(out_dir / "pairs_train.jsonl")
-    reward_pairs = data_prep.read_jsonl(out_dir / "reward_train.jsonl")
-    prompts = data_prep.read_jsonl(out_dir / "prompts_train.jsonl")
+    pairs = read_jsonl(out_dir / "pairs_train.jsonl")
+    reward_pairs = read_jsonl(out_dir / "reward_train.jsonl")
+    prompts = read_jsonl(out_dir / "prompts_train.jsonl")
     assert len(pairs) == len(prompts) == 32
     assert len(reward_pairs) == 32 * len(expected)
     assert all((pair["chosen"], pair["rejected"]) == (expected[0]["chosen"], expected[0]["rejected"]) for pair in pairs)
     assert [(p["chosen"], p["rejected"]) for p in reward_pairs[: len(expected)]] == [(e["chosen"], e["rejected"]) for e in expected]
-    assert data_prep.read_jsonl(out_dir / "sft_train.jsonl") == [
+    assert read_jsonl(out_dir / "sft_train.jsonl") == [
         {"prompt": row["prompt"], "completion": expected[0]["chosen"]} for row in prompts
     ]
     assert seen["system_prompt"] == "" and seen["num_return_sequences"] == config.data.samples_per_prompt
@@ -458,8 +459,8 @@ def test_prefix_pairs_join_the_reward_training_pairs_only(
     prefixes = [prefix for text in SAMPLES for prefix in sentiment_task.word_prefixes(text, [0.5])]
     assert "It was wonderful," in prefixes
     expected = sentiment_task.rank_samples("p", SAMPLES + prefixes, 0.3, 12)
-    reward_train = data_prep.read_jsonl(out_dir / "reward_train.jsonl")
-    prompts = data_prep.read_jsonl(out_dir / "prompts_train.jsonl")
+    reward_train = read_jsonl(out_dir / "reward_train.jsonl")
+    prompts = read_jsonl(out_dir / "prompts_train.jsonl")
     assert len(reward_train) == len(prompts) * len(expected)
     assert [(row["chosen"], row["rejected"]) for row in reward_train[: len(expected)]] == [
         (pair["chosen"], pair["rejected"]) for pair in expected

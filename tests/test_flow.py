@@ -19,10 +19,11 @@ import pytest
 from safetensors.torch import load_file
 
 from flows.rlhf import RunParameters, main, rlhf
+from pipeline_lib import registry
 
 pytestmark = pytest.mark.flow
 REPO = Path(__file__).resolve().parents[1]
-ALL_STAGES = {"data_prep", "sft", "reward", "dpo", "ppo", "evaluate"}
+ALL_STAGES = set(registry.stage_names())
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +72,7 @@ def test_full_flow_then_everything_cached(harness, tmp_path):
     for stage in summary["stages"].values():
         assert (Path(stage["path"]) / "manifest.json").is_file()
     evaluation = summary["evaluation"]
-    assert set(evaluation["policies"]) == {"base", "sft", "dpo", "ppo"}
+    assert set(evaluation["policies"]) == {"base", *registry.policy_names()} >= {"base", "sft", "dpo", "ppo", "grpo"}
     assert 0.0 <= evaluation["reward_model_pairwise_accuracy"] <= 1.0
 
     # The artifacts the UI shows: report (lineage + table), metrics table, output links.
@@ -144,7 +145,7 @@ def test_config_change_reruns_only_descendants(harness, tmp_path):
     before = published(tmp_path)
     state = run_flow(tmp_path, overrides=["dpo.beta=0.3"])
     assert state.is_completed()
-    assert cached_by_stage(state) == {"data_prep": True, "sft": True, "reward": True, "ppo": True, "dpo": False, "evaluate": False}
+    assert cached_by_stage(state) == {name: name not in ("dpo", "evaluate") for name in ALL_STAGES}
     after = published(tmp_path)
     assert all(after[key] == when for key, when in before.items())
     assert sorted(key.split("/")[0] for key in set(after) - set(before)) == ["dpo", "evaluate"]
@@ -182,6 +183,27 @@ def test_dry_run_trains_nothing(tmp_path, capsys):
     assert set(summary["stages"]) == {"data_prep", "sft", "dpo"}
     assert not (tmp_path / "store").exists()
     assert all("will run" in line for line in lines[:-1])
+
+
+@pytest.mark.parametrize(
+    "selection, planned",
+    [
+        (["--stages", "grpo"], ["data_prep", "sft", "reward", "grpo"]),
+        # The preset's own stage list applies when --stages is not given.
+        (["--set", "stages=[dpo]"], ["data_prep", "sft", "dpo"]),
+        (["--set", "stages=[dpo]", "--stages", "ppo"], ["data_prep", "sft", "reward", "ppo"]),
+    ],
+)
+def test_dry_run_plans_the_selected_stages_and_what_they_need(tmp_path, capsys, selection, planned):
+    assert main(["--preset", "tiny", "--output-root", str(tmp_path), "--dry-run", *selection]) == 0
+    assert list(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages"]) == planned
+
+
+def test_unknown_stage_in_the_config_fails_before_any_work(tmp_path, capsys):
+    assert main(["--preset", "tiny", "--output-root", str(tmp_path), "--set", "stages=[dpo, kto]"]) == 2
+    captured = capsys.readouterr()
+    assert "stages: unknown stage(s) ['kto']" in captured.err
+    assert not (tmp_path / "store").exists()
 
 
 def test_bad_config_fails_before_any_work(tmp_path, capsys):

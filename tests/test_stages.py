@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pipeline_lib.config import PipelineConfig, load_config
+from pipeline_lib import registry
+from pipeline_lib.data.files import read_jsonl, read_prompts
 from pipeline_lib.models import load_causal_lm, load_tokenizer
-from pipeline_lib.stages import data_prep, dpo, evaluate, ppo, reward, sft, training
+from pipeline_lib.stages import reward, sft, training
 
 EVAL_METRICS = {"reward_model_mean", "win_rate_vs_sft", "oracle_mean", "kl_to_sft_mean", "mean_length_words", "distinct_2"}
 
@@ -38,15 +40,13 @@ class TinyPipeline:
 def tiny_pipeline(tiny_base_model: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyPipeline:
     root = tmp_path_factory.mktemp("pipeline")
     config = load_config("tiny", overrides=[f"output_root={root}"], env_file=None)
-    data, out = root / "data_prep", {name: root / name for name in ("sft", "reward", "dpo", "ppo", "evaluate")}
-    metrics = {"data_prep": data_prep.run(config, None, data)}
-    metrics["sft"] = sft.run(config, tiny_base_model, data, out["sft"])
-    metrics["reward"] = reward.run(config, out["sft"], data, out["reward"])
-    metrics["dpo"] = dpo.run(config, out["sft"], data, out["dpo"])
-    metrics["ppo"] = ppo.run(config, out["sft"], out["reward"], data, out["ppo"])
-    policies = {"base": tiny_base_model, "sft": out["sft"], "dpo": out["dpo"], "ppo": out["ppo"]}
-    metrics["evaluate"] = evaluate.run(config, policies, out["reward"], data, out["evaluate"])
-    return TinyPipeline(config, tiny_base_model, data, out, metrics)
+    out: dict[str, Path] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    # Every declared stage in DAG order, called directly as `accelerate launch` or a test would.
+    for name, stage in registry.stages().items():
+        metrics[name] = stage.run(config, registry.stage_inputs(name, out, tiny_base_model), root / name)
+        out[name] = root / name
+    return TinyPipeline(config, tiny_base_model, out["data_prep"], out, metrics)
 
 
 def decoder_layer(name: str) -> int | None:
@@ -110,7 +110,7 @@ def test_reward_model_trains_top_layers_and_score_head(tiny_pipeline: TinyPipeli
     assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], output)
     assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0 and metrics["eval_pairs"] == 8
     # Every training pair is learned from, grouped by prompt (each response forwarded once).
-    train_rows = data_prep.read_jsonl(tiny_pipeline.data / "reward_train.jsonl")
+    train_rows = read_jsonl(tiny_pipeline.data / "reward_train.jsonl")
     assert metrics["train_pairs"] == len(train_rows)
     assert metrics["train_prompts"] == len({row["prompt"] for row in train_rows})
     model = AutoModelForSequenceClassification.from_pretrained(output, use_safetensors=True)
@@ -142,7 +142,7 @@ def test_ppo_trains_the_policy_top_layers(tiny_pipeline: TinyPipeline) -> None:
 
 def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: TinyPipeline) -> None:
     output = tiny_pipeline.outputs["evaluate"]
-    policies = ["base", "sft", "dpo", "ppo"]
+    policies = ["base", *registry.policy_names()]
 
     results = json.loads((output / "eval.json").read_text())
     assert list(results["policies"]) == policies
@@ -154,8 +154,8 @@ def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: Tiny
     assert results["policies"]["sft"]["win_rate_vs_sft"] == 0.5
     assert results["policies"]["sft"]["kl_to_sft_mean"] == 0.0
 
-    generations = data_prep.read_jsonl(output / "generations.jsonl")
-    prompts = [row["prompt"] for row in data_prep.read_jsonl(tiny_pipeline.data / "prompts_eval.jsonl")]
+    generations = read_jsonl(output / "generations.jsonl")
+    prompts = read_prompts(tiny_pipeline.data, "prompts_eval")
     assert sorted((row["prompt"], row["policy"]) for row in generations) == sorted(
         (prompt, policy) for prompt in prompts for policy in policies
     )
@@ -234,7 +234,7 @@ def test_failed_training_saves_the_partial_model_and_names_the_stage(
 def test_reward_stage_names_max_length_when_no_pair_fits(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
     config = load_config("tiny", overrides=[f"output_root={tmp_path}", "reward.max_length=8"], env_file=None)
     with pytest.raises(training.StageFailed, match="no training example fits reward.max_length=8"):
-        reward.run(config, tiny_pipeline.outputs["sft"], tiny_pipeline.data, tmp_path / "reward")
+        reward.run(config, {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}, tmp_path / "reward")
     assert not (tmp_path / "reward" / "model.safetensors").exists()
 
 
@@ -246,8 +246,8 @@ def test_an_interrupted_stage_resumes_and_matches_an_uninterrupted_run(
     section = getattr(config, stage)
     assert (section.max_steps, section.save_steps) == (4, 2)
     run_stage = {
-        "sft": lambda: sft.run(config, tiny_pipeline.base, tiny_pipeline.data, tmp_path),
-        "reward": lambda: reward.run(config, tiny_pipeline.outputs["sft"], tiny_pipeline.data, tmp_path),
+        "sft": lambda: sft.run(config, {"base_model": tiny_pipeline.base, "data_prep": tiny_pipeline.data}, tmp_path),
+        "reward": lambda: reward.run(config, {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}, tmp_path),
     }[stage]
     train_resumable = training.train_resumable
 
@@ -276,3 +276,32 @@ def test_an_interrupted_stage_resumes_and_matches_an_uninterrupted_run(
     assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_grpo_trains_the_policy_top_layers_against_the_reward_model(tiny_pipeline: TinyPipeline) -> None:
+    output, metrics = tiny_pipeline.outputs["grpo"], tiny_pipeline.metrics["grpo"]
+    assert_loss_logged(output)
+    rewards = [entry["reward"] for entry in logged(output) if "reward" in entry]
+    assert rewards and all(math.isfinite(value) for value in rewards)
+    assert metrics["final_reward_model_score"] == rewards[-1]
+    assert metrics["final_kl"] is not None  # beta > 0: the KL to SFT is penalised and logged
+    assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], output)
+    assert_causal_lm_loads(output)
+    assert_model_card(output, tiny_pipeline.outputs["sft"], tiny_pipeline.outputs["reward"], tiny_pipeline.data)
+
+
+def test_grpo_reward_is_the_reward_model_read_at_eos(tiny_pipeline: TinyPipeline) -> None:
+    """GRPO's reward function scores conversational completions exactly as evaluation does."""
+    from pipeline_lib.generation import reward_scores
+    from pipeline_lib.models import load_sequence_classifier
+    from pipeline_lib.stages.grpo import reward_model_function
+
+    tokenizer = load_tokenizer(tiny_pipeline.outputs["sft"])
+    reward_model = load_sequence_classifier(tiny_pipeline.outputs["reward"], tokenizer.pad_token_id)
+    prompts = read_prompts(tiny_pipeline.data, "prompts_train")[:3]
+    responses = ["I loved it.", "Dull and far too long.", "It was fine"]
+    score = reward_model_function(reward_model, tokenizer, system_prompt=None)
+    completions = [[{"role": "assistant", "content": text}] for text in responses]
+    scores = score(prompts=None, completions=completions, prompt_text=prompts, trainer_state=None)
+    assert scores == reward_scores(reward_model, tokenizer, prompts, responses)
+    assert len(set(scores)) == 3

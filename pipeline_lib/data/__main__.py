@@ -19,10 +19,9 @@ import sys
 
 from pipeline_lib.config import DataSection, PipelineConfig
 from pipeline_lib.data import sentiment_task
+from pipeline_lib.data.files import EMBEDDED_SENTIMENT
 from pipeline_lib.data.schemas import DataValidationError, normalize_rows
 from pipeline_lib.data.sources import is_embedded, load_rows, split_rows
-
-EMBEDDED_SENTIMENT = "embedded:sentiment"
 
 
 def describe_embedded(source: str, data: DataSection, seed: int) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from pipeline_lib.errors import PipelineError
+
 PAIR_SCHEMAS = ("prompt_chosen_rejected", "conversational", "transcript")
 SFT_SCHEMAS = ("prompt_completion", "messages", "pairs")
 TRANSCRIPT_MARKER = "\n\nAssistant:"
@@ -36,7 +38,7 @@ class RowProblem:
         return f"row {self.row}, field {self.field!r}: {self.message}"
 
 
-class DataValidationError(ValueError):
+class DataValidationError(PipelineError, ValueError):
     """Rows that cannot be trained on; the message names the source, rows and fields."""
 
     def __init__(self, source: str, problems: list[RowProblem] | str, max_listed: int = 20):

@@ -1,14 +1,9 @@
 """Data prep: turn the configured sources into the files every later stage reads.
 
-Inputs: the config's ``data`` section and the base model directory (the embedded task
-samples it). Output directory:
-
-    sft_train.jsonl / sft_eval.jsonl        prompt, completion           (SFT)
-    pairs_train.jsonl / pairs_eval.jsonl    prompt, chosen, rejected     (DPO)
-    reward_train.jsonl / reward_eval.jsonl  prompt, chosen, rejected     (reward model)
-    prompts_train.jsonl                     prompt                       (PPO rollouts)
-    prompts_eval.jsonl                      prompt                       (evaluation, held out)
-    data_card.json                          schema, counts, fingerprints, an example
+Inputs: the config's ``model`` and ``data`` sections and the base model directory (the
+embedded task samples it). Output: the files of ``pipeline_lib.data.files`` (SFT rows,
+DPO and reward-model pairs, training and held-out prompts, each a JSON-lines file) and
+``data_card.json`` (schema, counts, fingerprints, an example).
 
 Everything is validated before anything expensive: a bad file fails here naming the
 file, row and field. Splits are deterministic in (rows, percent, seed).
@@ -25,22 +20,12 @@ from typing import Any
 
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data import sentiment_task
+from pipeline_lib.data.files import DATA_CARD, EMBEDDED_SENTIMENT, split_path, write_jsonl
 from pipeline_lib.data.schemas import DataValidationError, normalize_rows
 from pipeline_lib.data.sources import is_embedded, load_rows, rows_fingerprint, split_rows, take_percent
+from pipeline_lib.stages import BASE_MODEL, Stage
 
 logger = logging.getLogger(__name__)
-EMBEDDED_SENTIMENT = "embedded:sentiment"
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def _sample_pairs(
@@ -170,12 +155,13 @@ def collect(config: PipelineConfig, base_model_dir: Path | None) -> dict[str, An
     return {"schema": parts["schema"], "files": files, "stats": parts["stats"]}
 
 
-def run(config: PipelineConfig, base_model_dir: Path | None, out_dir: Path) -> dict[str, Any]:
+def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prepared = collect(config, base_model_dir)
+    # Only the embedded task samples the base model; template and file sources need none.
+    prepared = collect(config, inputs.get(BASE_MODEL))
     for name, rows in prepared["files"].items():
-        write_jsonl(out_dir / f"{name}.jsonl", rows)
+        write_jsonl(split_path(out_dir, name), rows)
     counts = {name: len(rows) for name, rows in prepared["files"].items()}
     card = {
         "source": config.data.source,
@@ -185,9 +171,18 @@ def run(config: PipelineConfig, base_model_dir: Path | None, out_dir: Path) -> d
         "example": prepared["files"]["pairs_train"][0],
         **prepared["stats"],
     }
-    (out_dir / "data_card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False))
+    (out_dir / DATA_CARD).write_text(json.dumps(card, indent=2, ensure_ascii=False))
     logger.info("data prep: %s", counts)
     return {**{f"rows_{name}": count for name, count in counts.items()}, **prepared["stats"]}
+
+
+STAGE = Stage(
+    name="data_prep",
+    run=run,
+    summary="read, normalise, validate and split the data (the embedded task samples the base model)",
+    sections=("model", "data"),
+    key_metrics=("rows_pairs_train", "rows_pairs_eval", "sample_oracle_mean", "held_out_sample_oracle_mean"),
+)
 
 
 if __name__ == "__main__":
@@ -203,4 +198,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     cfg = load_config(arguments.preset)
     model_dir = materialize_base_model(cfg.model, cfg.output_root / "models", sentiment_task.corpus())
-    print(json.dumps(run(cfg, model_dir, arguments.out_dir), indent=2))
+    print(json.dumps(run(cfg, {BASE_MODEL: model_dir}, arguments.out_dir), indent=2))

@@ -6,7 +6,7 @@ paper) and data prep's ``pairs_train.jsonl`` (prompt, chosen, rejected). Only th
 from the reference.
 Output: a HF-format causal LM, plus the final reward margins/accuracies TRL logs.
 
-Run alone: call ``run(config, sft_dir, data_dir, out_dir)``.
+Run alone: ``run(config, {"sft": SFT_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_messages
 from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
-from pipeline_lib.stages import training
-from pipeline_lib.stages.data_prep import read_jsonl
+from pipeline_lib.data.files import read_split
+from pipeline_lib.stages import Stage, training
 
 
 def conversational_pairs(rows: list[dict[str, str]], system_prompt: str | None = None):
@@ -36,14 +36,15 @@ def conversational_pairs(rows: list[dict[str, str]], system_prompt: str | None =
     )
 
 
-def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
     # --- setup
     section = config.dpo
+    sft_model_dir, data_dir = inputs["sft"], inputs["data_prep"]
     training.seed_everything(config.seed)
     # --- data
-    train_dataset = conversational_pairs(read_jsonl(Path(data_dir) / "pairs_train.jsonl"), config.model.system_prompt)
+    train_dataset = conversational_pairs(read_split(data_dir, "pairs_train"), config.model.system_prompt)
     # --- models: the policy trains, the reference is a second frozen copy of SFT
     tokenizer = load_tokenizer(sft_model_dir)
     policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
@@ -83,3 +84,13 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
         "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
         "tracking_run_id": training.tracking.finish(),
     }
+
+
+STAGE = Stage(
+    name="dpo",
+    run=run,
+    summary="direct preference optimisation from SFT on the preference pairs",
+    requires=("data_prep", "sft"),
+    policy=True,
+    key_metrics=("train_loss", "final_reward_margin", "final_reward_accuracy"),
+)

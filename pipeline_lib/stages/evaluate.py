@@ -1,8 +1,9 @@
 """Evaluate every policy on held-out prompts, honestly, and write what lets anyone re-check it.
 
-Inputs: policy directories by name (``base``, ``sft``, ``dpo``, ``ppo``: whichever
-ran), the reward model directory and data prep's directory (held-out
-``prompts_eval.jsonl`` and ``reward_eval.jsonl``). Per policy:
+Inputs: the base model, data prep's directory (held-out ``prompts_eval`` and
+``reward_eval``), the reward model, and every policy stage of the run (SFT always; DPO,
+PPO, GRPO, ... whichever ran): each input other than data prep and the reward model is a
+policy, judged in the order given, the base model first. Per policy:
 
 * mean reward-model score, and win rate against SFT judged by the reward model;
 * the oracle's mean (VADER) where the task has an oracle (the embedded task);
@@ -25,34 +26,37 @@ from typing import Any
 
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data import sentiment_task
+from pipeline_lib.data.files import EMBEDDED_SENTIMENT, data_card, read_prompts, read_split, write_jsonl
+from pipeline_lib.errors import StageFailed
 from pipeline_lib.generation import generate_responses, response_logprobs, reward_scores
 from pipeline_lib.metrics import distinct_n, mean_words, sequence_kl, win_rate
 from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from pipeline_lib.stages.data_prep import read_jsonl, write_jsonl
+from pipeline_lib.stages import BASE_MODEL, Stage
 from pipeline_lib.stages.reward import pairwise_accuracy as reward_pairwise_accuracy
 
 logger = logging.getLogger(__name__)
-POLICY_ORDER = ("base", "sft", "dpo", "ppo")
+NOT_POLICIES = ("data_prep", "reward")  # the inputs evaluation reads that are not policies
 
 
 def _has_oracle(data_dir: Path) -> bool:
-    card = json.loads((Path(data_dir) / "data_card.json").read_text())
-    return card.get("source") == "embedded:sentiment"
+    return data_card(data_dir).get("source") == EMBEDDED_SENTIMENT
 
 
-def run(
-    config: PipelineConfig,
-    policies: dict[str, Path],
-    reward_model_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-) -> dict[str, Any]:
+def policies_of(inputs: dict[str, Path]) -> dict[str, Path]:
+    """The policies to judge, by name: the base model, then every policy input in order."""
+    policies = {"base": inputs[BASE_MODEL]} if inputs.get(BASE_MODEL) else {}
+    policies.update({name: Path(path) for name, path in inputs.items() if name not in (BASE_MODEL, *NOT_POLICIES)})
+    return policies
+
+
+def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     section = config.evaluate
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    policies, reward_model_dir, data_dir = policies_of(inputs), inputs["reward"], inputs["data_prep"]
     if "sft" not in policies:
-        raise ValueError("evaluate needs the SFT policy: it is the reference for KL and win rate")
-    prompts = [row["prompt"] for row in read_jsonl(Path(data_dir) / "prompts_eval.jsonl")]
+        raise StageFailed("evaluate needs the SFT policy: it is the reference for KL and win rate")
+    prompts = read_prompts(data_dir, "prompts_eval")
     if section.num_prompts:
         prompts = prompts[: section.num_prompts]
     with_oracle = _has_oracle(data_dir)
@@ -62,9 +66,8 @@ def run(
     sft_model = load_causal_lm(policies["sft"])
 
     # --- generate and score every policy
-    names = [name for name in POLICY_ORDER if name in policies]
     per_policy: dict[str, dict[str, list]] = {}
-    for name in names:
+    for name in policies:
         model = sft_model if name == "sft" else load_causal_lm(policies[name])
         responses = [
             texts[0]
@@ -103,7 +106,7 @@ def run(
             "mean_length_words": mean_words(scores["responses"]),
             "distinct_2": distinct_n(scores["responses"], 2),
         }
-    pairs = read_jsonl(Path(data_dir) / "reward_eval.jsonl")
+    pairs = read_split(data_dir, "reward_eval")
     reward_accuracy = reward_pairwise_accuracy(reward_model, tokenizer, pairs, system_prompt)
     results = {
         "policies": table,
@@ -191,3 +194,13 @@ def plot_oracle_vs_kl(per_policy: dict[str, dict[str, list]], path: Path) -> str
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path.name
+
+
+STAGE = Stage(
+    name="evaluate",
+    run=run,
+    summary="every policy of the run on held-out prompts: oracle, reward model, KL, diversity",
+    requires=("data_prep", "sft", "reward"),
+    judges_policies=True,
+    key_metrics=("reward_model_pairwise_accuracy",),
+)

@@ -15,7 +15,7 @@ would be masked and the reward read one token off. TRL reads the reward at a rol
 last token, mid-sentence for a rollout cut off at ``response_length``; ``EosClosedReward``
 closes such rollouts with EOS first, as evaluation does.
 
-Run alone: call ``run(config, sft_dir, reward_dir, data_dir, out_dir)``.
+Run alone: ``run(config, {"sft": SFT_DIR, "reward": REWARD_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_prompt_ids
 from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer
-from pipeline_lib.stages import training
-from pipeline_lib.stages.data_prep import read_jsonl
+from pipeline_lib.data.files import read_prompts
+from pipeline_lib.stages import Stage, training
 
 
 class EosClosedReward(torch.nn.Module):
@@ -76,20 +76,21 @@ class EosClosedReward(torch.nn.Module):
         return output
 
 
-def run(config: PipelineConfig, sft_model_dir: Path, reward_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     # --- setup
     section = config.ppo
+    sft_model_dir, reward_model_dir, data_dir = inputs["sft"], inputs["reward"], inputs["data_prep"]
     training.seed_everything(config.seed)
     # Checkpoints cannot be resumed (see the docstring): start clean.
     shutil.rmtree(Path(out_dir) / training.CHECKPOINT_DIR, ignore_errors=True)
     # --- data: PPO takes tokenized prompts
     tokenizer = load_tokenizer(sft_model_dir)
     tokenizer.padding_side = "left"  # rollouts generate after the prompt
-    prompts = [row["prompt"] for row in read_jsonl(Path(data_dir) / "prompts_train.jsonl")]
+    prompts = read_prompts(data_dir, "prompts_train")
     train_dataset = Dataset.from_list([{"input_ids": chat_prompt_ids(tokenizer, p, config.model.system_prompt)} for p in prompts])
     # --- models
     policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
@@ -141,3 +142,13 @@ def run(config: PipelineConfig, sft_model_dir: Path, reward_model_dir: Path, dat
         "resumed_from_checkpoint": False,
         "tracking_run_id": training.tracking.finish(),
     }
+
+
+STAGE = Stage(
+    name="ppo",
+    run=run,
+    summary="PPO from SFT against the reward model, with a KL penalty to SFT",
+    requires=("data_prep", "sft", "reward"),
+    policy=True,
+    key_metrics=("first_reward_model_score", "final_reward_model_score", "final_kl"),
+)

@@ -14,7 +14,7 @@ Output: a HF-format sequence-classification model and ``pairwise_accuracy``: the
 of held-out pairs where r(chosen) > r(rejected), computed here on the saved model
 rather than taken from the trainer's running average.
 
-Run alone: ``python -m pipeline_lib.stages.reward`` is not provided; call ``run``.
+Run alone: ``run(config, {"sft": SFT_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import reward_scores
 from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores
 from pipeline_lib.models import freeze_all_but_top_k, load_sequence_classifier, load_tokenizer
-from pipeline_lib.stages import training
-from pipeline_lib.stages.data_prep import read_jsonl
+from pipeline_lib.data.files import read_split
+from pipeline_lib.stages import Stage, training
 
 
 def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
@@ -38,7 +38,7 @@ def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prom
     return accuracy_of_scores(chosen, rejected)
 
 
-def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     from datasets import Dataset
     from trl import RewardConfig
 
@@ -46,10 +46,11 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
 
     # --- setup
     section = config.reward
+    sft_model_dir, data_dir = inputs["sft"], inputs["data_prep"]
     training.seed_everything(config.seed)
     # --- data
-    train_rows = read_jsonl(Path(data_dir) / "reward_train.jsonl")
-    eval_rows = read_jsonl(Path(data_dir) / "reward_eval.jsonl")
+    train_rows = read_split(data_dir, "reward_train")
+    eval_rows = read_split(data_dir, "reward_eval")
     # --- model
     tokenizer = load_tokenizer(sft_model_dir)
     model = load_sequence_classifier(
@@ -85,3 +86,12 @@ def run(config: PipelineConfig, sft_model_dir: Path, data_dir: Path, out_dir: Pa
         "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
         "tracking_run_id": training.tracking.finish(),
     }
+
+
+STAGE = Stage(
+    name="reward",
+    run=run,
+    summary="reward model on preference pairs, judged by held-out pairwise accuracy",
+    requires=("data_prep", "sft"),
+    key_metrics=("train_loss", "pairwise_accuracy_before", "pairwise_accuracy"),
+)

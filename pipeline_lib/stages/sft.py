@@ -6,7 +6,7 @@ model's chat template applies and the loss covers the completion only (TRL's
 ``completion_only_loss``). Only the top ``sft.top_k`` decoder layers train.
 Output: a HF-format causal LM (safetensors) with tokenizer and model card.
 
-Run alone: ``python -m pipeline_lib.stages.sft --preset tiny BASE_DIR DATA_DIR OUT_DIR``.
+Run alone: ``run(config, {"base_model": BASE_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
-from pipeline_lib.stages import training
+from pipeline_lib.data.files import read_split
 from pipeline_lib.generation import chat_messages
-from pipeline_lib.stages.data_prep import read_jsonl
+from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
+from pipeline_lib.stages import BASE_MODEL, Stage, training
 
 
 def conversational(rows: list[dict[str, str]], system_prompt: str | None = None):
@@ -35,16 +35,17 @@ def conversational(rows: list[dict[str, str]], system_prompt: str | None = None)
     )
 
 
-def run(config: PipelineConfig, base_model_dir: Path, data_dir: Path, out_dir: Path) -> dict[str, Any]:
+def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     # --- setup
     section = config.sft
+    base_model_dir, data_dir = inputs[BASE_MODEL], inputs["data_prep"]
     training.seed_everything(config.seed)
     # --- data
     system_prompt = config.model.system_prompt
-    train_dataset = conversational(read_jsonl(Path(data_dir) / "sft_train.jsonl"), system_prompt)
-    eval_dataset = conversational(read_jsonl(Path(data_dir) / "sft_eval.jsonl"), system_prompt)
+    train_dataset = conversational(read_split(data_dir, "sft_train"), system_prompt)
+    eval_dataset = conversational(read_split(data_dir, "sft_eval"), system_prompt)
     # --- model
     tokenizer = load_tokenizer(base_model_dir)
     model = load_causal_lm(base_model_dir, config.model.trust_remote_code)
@@ -69,3 +70,13 @@ def run(config: PipelineConfig, base_model_dir: Path, data_dir: Path, out_dir: P
         "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
         "tracking_run_id": training.tracking.finish(),
     }
+
+
+STAGE = Stage(
+    name="sft",
+    run=run,
+    summary="supervised fine-tuning of the base model on the best responses",
+    requires=("data_prep",),
+    policy=True,
+    key_metrics=("train_loss", "eval_loss", "trainable_parameters"),
+)

@@ -23,13 +23,10 @@ import transformers
 from pipeline_lib import tracking
 from pipeline_lib.cores import ShareCores
 from pipeline_lib.config import PipelineConfig, TrainSection
+from pipeline_lib.errors import StageFailed
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
-
-
-class StageFailed(RuntimeError):
-    """A training stage raised; the message names the stage and the cause."""
 
 
 def seed_everything(seed: int) -> None:
