@@ -37,7 +37,7 @@ from pipeline_lib.config import PipelineConfig, available_presets, check_top_k, 
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.errors import PipelineError, StageFailed
 from pipeline_lib.models import materialize_base_model, num_decoder_layers
-from pipeline_lib.plan import Plan, make_plan, parse_stage_list
+from pipeline_lib.plan import Plan, check_before_work, make_plan, parse_stage_list
 from pipeline_lib.registry import stage_names
 from tasks.stages import StageResult, prefect_dir, stage_cache_policy, stage_task
 
@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = parameters_from_args(args)
         config = params.config()
-        parse_stage_list(config.stages, what="stages")  # a stage named in the config must exist
+        check_before_work(config)
+        if not args.dry_run:
+            prepare_base_model(config)  # converted once and reused; checks top_k against its depth
         if args.dry_run:
             plan = make_plan(config, params.stage_names(), params.force_names())
             for stage in plan.stages:
@@ -270,7 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(state.result()))
         return 0
     # The flow failed: report what the store holds for each planned stage.
-    plan = make_plan(config, params.stage_names())
+    try:
+        plan = make_plan(config, params.stage_names())
+    except Exception as error:  # the summary must still be printed
+        print(json.dumps({"status": "failed", "error": f"{state.message}; planning failed too: {error}", "stages": {}, "evaluation": None}))
+        return 1
     print(json.dumps(run_summary(plan, status="failed", error=str(state.message))))
     return 1
 

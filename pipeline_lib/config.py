@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings.exceptions import SettingsError
 
 from pipeline_lib.errors import ConfigError
 
@@ -157,6 +158,9 @@ class GRPOSection(TrainSection):
     samples ``per_device_train_batch_size * gradient_accumulation_steps`` responses,
     ``num_generations`` per prompt."""
 
+    per_device_train_batch_size: int = Field(
+        16, ge=1, description="Sampled responses per optimizer micro-batch: whole groups of num_generations per prompt."
+    )
     num_generations: int = Field(4, ge=2, le=64, description="Responses sampled per prompt; each is scored against its group's mean.")
     max_completion_length: int = Field(24, ge=4, le=1024, description="Tokens generated per response.")
     temperature: float = Field(1.0, gt=0, le=2, description="Sampling temperature of the responses.")
@@ -243,13 +247,54 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} is not of the form section.field=value")
         dotted, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        path = [part.strip() for part in dotted.strip().split(".")]
+        if not all(path):
+            raise ConfigError(f"override {pair!r} does not name a setting (section.field=value)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
         node = nested
-        *parents, leaf = dotted.strip().split(".")
-        for part in parents:
+        *parents, leaf = path
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r}: {'.'.join(path[: depth + 1])} was already given a value, not a section")
         node[leaf] = value
     return nested
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML config file's sections; a parse error or a top level that is not a mapping
+    is a ConfigError naming the file (and the line, for a parse error)."""
+    try:
+        content = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"config file {str(path)!r}: the top level must be a mapping of sections, not a {type(content).__name__}")
+    return content
+
+
+def _check_known_settings(keys: Any, origin: str) -> None:
+    """Unknown top-level settings are an error, never ignored: a typo must never train.
+    (Sections reject unknown fields themselves; the settings class must ignore unknown
+    top-level names because it also sees unrelated variables, e.g. secrets in ``.env``.)"""
+    unknown = sorted(str(key) for key in keys if key not in PipelineConfig.model_fields)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown setting(s) {unknown}; choose from {', '.join(PipelineConfig.model_fields)}")
+
+
+def _dotenv_settings(env_file: str | Path | None) -> list[str]:
+    """The top-level setting each ``RLHF_``-prefixed line of the ``.env`` file names."""
+    if env_file is None or not Path(env_file).is_file():
+        return []
+    from dotenv import dotenv_values
+
+    names = [key.lower().removeprefix("rlhf_").split("__")[0] for key in dotenv_values(env_file) if key.lower().startswith("rlhf_")]
+    return names
 
 
 def _format_validation_error(error: ValidationError, origin: str) -> str:
@@ -275,6 +320,10 @@ def load_config(
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     yaml_files = [PRESET_DIR / f"{preset}.yaml"] + ([Path(config_file)] if config_file else [])
+    for path in yaml_files:
+        _check_known_settings(_read_yaml_mapping(path), f"config file {str(path)!r}")
+    _check_known_settings(overrides or {}, "overrides")
+    _check_known_settings(_dotenv_settings(env_file), f"{env_file}")
 
     class _Settings(BaseSettings, PipelineConfig):
         model_config = SettingsConfigDict(
@@ -307,6 +356,10 @@ def load_config(
         return PipelineConfig.model_validate(settings.model_dump())
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, f"preset {preset!r}")) from None
+    except SettingsError as error:
+        # e.g. RLHF_DPO=abc: a section given a value that is not a JSON object.
+        where = "the environment" + (f" or {env_file}" if env_file else "")
+        raise ConfigError(f"invalid configuration in {where}: {error}") from None
 
 
 def check_top_k(config: PipelineConfig, num_layers: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline_lib import models, registry
 from pipeline_lib.config import ConfigError, PipelineConfig
-from pipeline_lib.data import sources
+from pipeline_lib.data import schemas, sources
 from pipeline_lib.store import Store, sha256_text, stage_key
 
 
@@ -96,6 +96,20 @@ def data_fingerprint(config: PipelineConfig) -> str:
         parts.append(sources.source_fingerprint(config.data.sft_source))
     parts.append(models.base_model_fingerprint(config.model))
     return sha256_text(":".join(parts))
+
+
+def check_before_work(config: PipelineConfig) -> None:
+    """What can be checked without training, checked before any stage starts: the output
+    root, the stages the config names, and every local data file (read, normalised and
+    validated in full, so a bad row fails here naming file, row and field)."""
+    root = Path(config.output_root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output_root: {root} exists and is not a directory")
+    parse_stage_list(config.stages, what="stages")
+    data = config.data
+    for source, split, kind in ((data.source, data.split, "pairs"), (data.sft_source, data.sft_split, "sft")):
+        if source and sources.is_local(source):
+            schemas.normalize_rows(sources.load_rows(source, split, None, data.max_rows), kind, source)
 
 
 def store_for(config: PipelineConfig) -> Store:

@@ -2,7 +2,7 @@
 
 * ``stage_key`` is the contract of the architecture: sha256 over the stage name, its
   config, its upstream keys, the data fingerprint, the source of the stage's own
-  modules and the versions of the ML libraries. Same key, same work.
+  modules (``registry.code_version``) and the versions of the ML libraries. Same key, same work.
 * Work in progress lives in ``<key>.partial/`` (the trainer's checkpoints included, so
   an interrupted stage resumes) and is published by one ``os.rename``: a reader sees
   either nothing or a complete output.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import os
 import shutil
@@ -31,6 +30,8 @@ MANIFEST = "manifest.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets")
 # Directories inside a partial output that are scratch, never published.
 SCRATCH_DIRS = ("checkpoints", "failed")
+# A replaced output is kept this long after it was moved aside, for readers still using it.
+STALE_GRACE_SECONDS = 3600.0
 
 
 def canonical_json(value: Any) -> str:
@@ -51,11 +52,6 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
 
 def library_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in TRACKED_LIBRARIES}
-
-
-def code_version(*modules: Any) -> str:
-    """Hash of the source of the given modules: editing a stage's code changes its key."""
-    return sha256_text("".join(inspect.getsource(module) for module in modules))
 
 
 def stage_key(
@@ -115,13 +111,19 @@ class Store:
         manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
             return f"{directory} has no {MANIFEST}"
+        # Whatever is in the file, an unreadable manifest means "not in the store", never a crash.
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as error:
+            manifest = json.loads(manifest_path.read_bytes())
+        except (ValueError, OSError) as error:
             return f"{manifest_path} is not valid JSON: {error}"
+        if not isinstance(manifest, dict):
+            return f"{manifest_path} holds a {type(manifest).__name__}, not a manifest object"
         if manifest.get("key") != key:
             return f"{manifest_path} records key {manifest.get('key')!r}, expected {key!r}"
-        for name, expected in manifest.get("files", {}).items():
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(value, str) for value in files.values()):
+            return f"{manifest_path} has no valid file list"
+        for name, expected in files.items():
             file_path = directory / name
             if not file_path.is_file():
                 return f"{file_path} is missing"
@@ -156,4 +158,18 @@ class Store:
             # directory someone may still be reading.
             final.rename(final.with_name(f"{key}.stale-{int(time.time() * 1000)}"))
         os.rename(partial, final)
+        self.remove_stale(stage)
         return StageOutput(stage, key, final, full_manifest)
+
+    def remove_stale(self, stage: str, older_than_seconds: float = STALE_GRACE_SECONDS) -> list[Path]:
+        """Delete outputs moved aside by ``publish`` once nobody can still be reading them."""
+        removed = []
+        for stale in (self.root / stage).glob("*.stale-*"):
+            try:
+                moved_at = int(stale.name.rsplit("-", 1)[1]) / 1000
+            except ValueError:
+                continue
+            if time.time() - moved_at > older_than_seconds:
+                shutil.rmtree(stale, ignore_errors=True)
+                removed.append(stale)
+        return removed

@@ -210,3 +210,54 @@ def test_env_example_lists_every_setting_with_its_description():
         for name in names:
             variable = f"RLHF_{section_name.upper()}__{name.upper()}" if names is not None and name != section_name else f"RLHF_{name.upper()}"
             assert f"# {variable}=" in repo_file, variable
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["sed=7"], "unknown setting(s) ['sed']"),
+        (["nosuch.field=1"], "unknown setting(s) ['nosuch']"),
+        (["=1"], "'=1' does not name a setting"),
+        (["dpo.=1"], "'dpo.=1' does not name a setting"),
+        (["dpo.beta=[1"], "'dpo.beta=[1': the value is not valid YAML"),
+        (["dpo=1", "dpo.beta=0.2"], "dpo was already given a value"),
+        (["dpo.nosuch=1"], "dpo.nosuch"),
+    ],
+)
+def test_a_bad_override_is_rejected_naming_it(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", env_file=None, overrides=overrides)
+    assert named in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "content, named",
+    [
+        ("sed: 7\n", "unknown setting(s) ['sed']"),
+        ("dpo: {beta: [1\n", "is not valid YAML"),
+        ("- dpo\n- sft\n", "the top level must be a mapping of sections, not a list"),
+        ("dpo:\n  betta: 0.2\n", "dpo.betta"),
+    ],
+)
+def test_a_bad_config_file_is_rejected_naming_it(tmp_path: Path, content: str, named: str) -> None:
+    path = tmp_path / "my.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        load_config("tiny", config_file=path, env_file=None)
+    assert named in str(raised.value)
+
+
+def test_a_typo_in_dotenv_is_rejected_but_secrets_there_are_left_alone(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("WANDB_API_KEY=not-a-setting\nRLHF_SEED=3\n")
+    assert load_config("tiny", env_file=env_file).seed == 3
+    env_file.write_text("RLHF_SED=3\n")
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['sed'\]"):
+        load_config("tiny", env_file=env_file)
+
+
+@pytest.mark.parametrize("name, value", [("RLHF_DPO", "abc"), ("RLHF_DATA__REWARD_PREFIX_FRACTIONS", "[0.5,")])
+def test_a_malformed_environment_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="in the environment"):
+        load_config("tiny", env_file=None)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline_lib.store import MANIFEST, Store, StoreError, code_version, library_versions, sha256_file, stage_key
+from pipeline_lib.store import MANIFEST, Store, StoreError, library_versions, sha256_file, stage_key
 
 KEY_INPUTS = {
     "stage": "dpo",
@@ -51,22 +51,6 @@ def test_stage_key_changes_with_each_input(changes: dict) -> None:
 def test_stage_key_defaults_to_the_installed_library_versions() -> None:
     without_versions = {name: value for name, value in KEY_INPUTS.items() if name != "versions"}
     assert stage_key(**without_versions) == key_with(versions=library_versions())
-
-
-def test_code_version_follows_the_module_source(tmp_path: Path) -> None:
-    source = tmp_path / "stage_module.py"
-
-    def load():
-        spec = importlib.util.spec_from_file_location("stage_module", source)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    source.write_text("def train():\n    return 1\n")
-    first = code_version(load())
-    assert code_version(load()) == first
-    source.write_text("def train():\n    return 2  # changed\n")
-    assert code_version(load()) != first
 
 
 def make_partial(store: Store, stage: str = "sft", key: str = "k" * 64) -> Path:
@@ -158,3 +142,26 @@ def test_validate_rejects_a_manifest_of_another_key(tmp_path: Path) -> None:
     output = store.publish("sft", "k" * 64, {})
     output.path.rename(store.path("sft", "j" * 64))
     assert "records key" in store.validate("sft", "j" * 64)
+
+
+@pytest.mark.parametrize("content", ["null", "[]", '"text"', "{", '{"key": "KEY", "files": null}', '{"key": "KEY", "files": {"a": 1}}'])
+def test_an_unreadable_manifest_means_not_in_the_store(tmp_path: Path, content: str) -> None:
+    store = Store(tmp_path)
+    key = "k" * 64
+    make_partial(store, key=key)
+    output = store.publish("sft", key, {})
+    (output.path / MANIFEST).write_text(content.replace("KEY", key))
+    problem = store.validate("sft", key)
+    assert problem and str(output.path / MANIFEST) in problem
+
+
+def test_replaced_outputs_are_removed_once_nobody_can_be_reading_them(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    key = "k" * 64
+    old = tmp_path / "sft" / f"{key}.stale-{int((time.time() - 7200) * 1000)}"
+    recent = tmp_path / "sft" / f"{key}.stale-{int(time.time() * 1000)}"
+    for directory in (old, recent):
+        directory.mkdir(parents=True)
+    make_partial(store, key=key)
+    store.publish("sft", key, {})
+    assert not old.exists() and recent.exists()
