@@ -30,7 +30,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from pipeline_lib.config import PipelineConfig, available_presets, check_top_k, load_config
@@ -127,30 +127,15 @@ def publish_artifacts(plan: Plan, results: dict[str, StageResult]) -> None:
     create_markdown_artifact("\n".join(markdown), key="rlhf-report", description="Evaluation and lineage of every output")
 
 
+# Stages whose inputs are ready train side by side, at most this many at once.
 STAGE_WORKERS = 2
 
 
-def _share_cores_between_workers(workers: int) -> None:
-    """Give each worker its share of the cores: two stages that each start one OpenMP
-    thread per core oversubscribe the machine, and spin-waiting threads then make CPU
-    training several times slower. This is each worker's start; while a stage runs,
-    ``pipeline_lib.cores`` re-balances as neighbours start and finish."""
-    import os
-
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-
-
-# Stages run in worker processes: torch's RNG and transformers' model loading are
-# process-global, so two stages sharing a process (threads) would race and lose
-# determinism; processes also hand each stage's memory back when it ends.
-@flow(
-    name="rlhf",
-    task_runner=ProcessPoolTaskRunner(
-        max_workers=STAGE_WORKERS, initializer=_share_cores_between_workers, initargs=(STAGE_WORKERS,)
-    ),
-)
+# Each task waits in a thread of the flow while its stage trains in a process of its own
+# (pipeline_lib/launch.py): torch's RNG and model loading are process-global, a stage that
+# is killed must fail alone, and each stage's memory goes back when it ends. The stage
+# processes share the cores through pipeline_lib.cores.
+@flow(name="rlhf", task_runner=ThreadPoolTaskRunner(max_workers=STAGE_WORKERS))
 def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     """Run the RLHF pipeline; returns each stage's key, path, cache state and the evaluation."""
     logger = get_run_logger()
@@ -171,14 +156,26 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
             if future.state.name == "Cached":
                 results[name] = results[name].model_copy(update={"trained": False})
         else:
-            failures[name] = str(future.state.message or future.state.name)
+            failures[name] = failure_message(future.state)
         update_progress_artifact(progress, 100.0 * (len(results) + len(failures)) / len(futures))
     publish_artifacts(plan, results)
     summary = run_summary(plan, results, failures)
     if failures:
         first = next(name for name in plan.names() if name in failures)
-        raise StageFailed(f"stage {first} failed: {failures[first]}")
+        error = StageFailed(f"stage {first} failed: {failures[first]}")
+        error.summary = summary  # main() prints it: every stage's status and error
+        raise error
     return summary
+
+
+def failure_message(state) -> str:
+    """What went wrong in a failed task, in the stage's own words: the exception it raised
+    (a StageFailed names the stage and its cause) rather than Prefect's wrapper text."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the result itself could not be read
+        error = None
+    return str(error) if isinstance(error, BaseException) and str(error) else str(state.message or state.name)
 
 
 def run_summary(
@@ -227,7 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override one setting, e.g. --set dpo.beta=0.2 (repeatable); see .env.example for every field",
     )
-    parser.add_argument("--stages", help=f"comma-separated stages to run, with what they need ({','.join(stage_names())})")
+    parser.add_argument(
+        "--stages",
+        help=f"comma-separated stages to run, with what they need ({','.join(stage_names())}), or 'all'; "
+        "default: the preset's stages",
+    )
     parser.add_argument("--force", help="comma-separated stages to re-run with their descendants even if cached")
     parser.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached; train nothing")
     parser.add_argument("--output-root", help="where the store, caches and results live (default .data)")
@@ -271,7 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_completed():
         print(json.dumps(state.result()))
         return 0
-    # The flow failed: report what the store holds for each planned stage.
+    try:
+        summary = getattr(state.result(raise_on_failure=False), "summary", None)
+    except Exception:  # a crashed run may have no result to read
+        summary = None
+    if summary is not None:  # the flow's own account: each stage's status and error
+        print(json.dumps({**summary, "error": str(state.message)}))
+        return 1
+    # The flow failed before it could say: report what the store holds for each planned stage.
     try:
         plan = make_plan(config, params.stage_names())
     except Exception as error:  # the summary must still be printed

@@ -61,6 +61,12 @@ class DataSection(Section):
     )
     sft_split: str = Field("train", description="Split of the SFT dataset to read.")
     max_rows: int = Field(0, ge=0, description="Read at most this many rows of each source (0 = all).")
+    max_field_chars: int = Field(
+        20_000,
+        ge=1,
+        description="Longest prompt or response accepted, in characters; a row with a longer one is rejected, "
+        "naming it, before any training.",
+    )
     holdout_percent: float = Field(
         20.0, gt=0, lt=100, description="Percent of rows held out from every training stage, for evaluation."
     )

@@ -50,12 +50,15 @@ class Plan:
 
 
 def parse_stage_list(value: str | list[str] | None, default: list[str] | None = None, what: str = "stages") -> list[str]:
-    """Stage names from a comma-separated string or a list; ``default`` (every stage if
-    None) when empty. Unknown names are a ConfigError naming ``what`` was given."""
+    """Stage names from a comma-separated string or a list (``all``: every stage);
+    ``default`` (every stage if None) when empty. Unknown names are a ConfigError naming
+    ``what`` was given."""
     known = registry.stage_names()
     if not value:
         return list(default or known)
     names = [name.strip() for name in (value.split(",") if isinstance(value, str) else value) if name.strip()]
+    if names == ["all"]:
+        return known
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ConfigError(f"{what}: unknown stage(s) {unknown}; choose from {', '.join(known)}")
@@ -109,7 +112,7 @@ def check_before_work(config: PipelineConfig) -> None:
     data = config.data
     for source, split, kind in ((data.source, data.split, "pairs"), (data.sft_source, data.sft_split, "sft")):
         if source and sources.is_local(source):
-            schemas.normalize_rows(sources.load_rows(source, split, None, data.max_rows), kind, source)
+            schemas.normalize_rows(sources.load_rows(source, split, None, data.max_rows), kind, source, data.max_field_chars)
 
 
 def store_for(config: PipelineConfig) -> Store:

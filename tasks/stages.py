@@ -23,8 +23,9 @@ from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
-from pipeline_lib import cores, registry
+from pipeline_lib import registry
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.launch import run_stage_process
 from pipeline_lib.plan import store_for
 from pipeline_lib.registry import BASE_MODEL
 from tasks.locking import ProcessBoundLockManager
@@ -59,7 +60,7 @@ def execute(
     rerun: bool = False,
 ) -> StageResult:
     """Run ``train`` into the key's work directory and publish it, unless the store has it
-    (or ``rerun`` asks to train again)."""
+    (or ``rerun`` asks to train again). A failure publishes nothing."""
     logger = get_run_logger()
     store = store_for(config)
     if not rerun and store.validate(stage, key) is None:
@@ -68,9 +69,8 @@ def execute(
         return StageResult(stage=stage, key=key, path=str(output.path), metrics=output.manifest.get("metrics", {}), trained=False)
     work_dir = store.begin(stage, key)
     started = time.time()
-    with cores.running(prefect_dir(config) / "running", stage) as threads:
-        logger.info("%s %s: running in %s (%d torch threads)", stage, key[:12], work_dir, threads)
-        metrics = train(work_dir)
+    logger.info("%s %s: running in %s", stage, key[:12], work_dir)
+    metrics = train(work_dir)
     manifest = {
         "config": registry.stage(stage).config_section(config),
         "upstream": {name: {"key": result.key, "path": result.path} for name, result in upstream.items()},
@@ -97,9 +97,14 @@ def run_stage(
     stage_name: str, key: str, rerun: bool, config: PipelineConfig, base_model_dir: str, upstream: dict[str, StageResult]
 ) -> StageResult:
     """Run one declared stage on the outputs of its upstream stages (paths, never models)."""
-    stage = registry.stage(stage_name)
     inputs = {BASE_MODEL: Path(base_model_dir), **{name: Path(result.path) for name, result in upstream.items()}}
-    return execute(stage_name, key, config, upstream, lambda out: stage.run(config, inputs, out), rerun)
+
+    def train(out_dir: Path) -> dict[str, Any]:
+        # The stage's ML runs in a process of its own (pipeline_lib/launch.py): if it dies,
+        # this task fails naming the stage, and the stages beside it carry on.
+        return run_stage_process(stage_name, config.model_dump(mode="json"), inputs, out_dir, prefect_dir(config) / "running")
+
+    return execute(stage_name, key, config, upstream, train, rerun)
 
 
 def stage_task(stage_name: str):

@@ -24,6 +24,7 @@ BAD_DATA = {
     "empty strings": ("pairs.jsonl", PAIR * 9 + '{"prompt": "a", "chosen": "", "rejected": "c"}\n', "row 9"),
     "identical sides": ("pairs.jsonl", PAIR * 9 + '{"prompt": "a", "chosen": "same", "rejected": "same"}\n', "row 9"),
     "csv with wrong columns": ("pairs.csv", "question,answer\nq,a\n" * 5, "pairs.csv"),
+    "a 1 MB response": ("pairs.jsonl", PAIR * 9 + json.dumps({"prompt": "a", "chosen": "x" * 1_000_000, "rejected": "b"}) + "\n", "row 9, field 'chosen'"),
 }
 
 

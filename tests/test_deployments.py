@@ -30,7 +30,9 @@ from conftest_server import (
 )
 from deployments.serve import CONCURRENCY_LIMIT, TAGS, RetrainSchedule, main as serve_main, parse
 from flows.rlhf import RunParameters, rlhf
-from pipeline_lib.config import STAGES
+from pipeline_lib.registry import policy_names, stage_names
+
+STAGES = stage_names()
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 
@@ -149,7 +151,7 @@ def test_new_data_retrains_a_killed_run_resumes_when_retried_then_unchanged_data
     assert retried.state.is_completed(), retried.state.message
     second_attempt = task_states(retrain_service, flow_run_id, attempt=retried.run_count)
     assert second_attempt["data_prep"] == second_attempt["sft"] == "Cached", second_attempt
-    assert all(second_attempt[stage] == "Completed" for stage in ("reward", "ppo", "evaluate")), second_attempt
+    assert all(second_attempt[stage] == "Completed" for stage in ("reward", "ppo", "grpo", "evaluate")), second_attempt
     # DPO runs beside reward: reused if it finished before the kill, trained otherwise.
     assert second_attempt["dpo"] == ("Cached" if first_attempt.get("dpo") == "Completed" else "Completed"), second_attempt
     manifest = json.loads((store / "reward" / killed / "manifest.json").read_text())
@@ -159,7 +161,7 @@ def test_new_data_retrains_a_killed_run_resumes_when_retried_then_unchanged_data
     assert artifacts["rlhf-metrics"].type == "table"
     rows = artifacts["rlhf-metrics"].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
-    assert {row["policy"] for row in rows} == {"base", "sft", "dpo", "ppo"}
+    assert {row["policy"] for row in rows} == {"base", *policy_names()}
 
     # The next scheduled run: the plan fingerprints the file afresh and finds nothing new.
     started = time.monotonic()
@@ -176,8 +178,9 @@ def test_new_data_retrains_a_killed_run_resumes_when_retried_then_unchanged_data
 def kill_reward_training_after_first_checkpoint(served, partials_before: set[Path], flow_run_id, timeout: float = 600) -> str:
     """SIGKILL the process training reward once checkpoint-2 is complete; returns the stage key.
 
-    The process is the holder recorded in the stage's lock file (tasks/locking.py), the one
-    an out-of-memory kill would hit. Nothing in the pipeline is patched.
+    The process is the stage's own (pipeline_lib/launch.py), the one an out-of-memory kill
+    would hit; it registers as ``prefect/running/reward.<pid>`` (pipeline_lib/cores.py).
+    Nothing in the pipeline is patched.
     """
     store = served.output_root / "store"
     deadline = time.monotonic() + timeout
@@ -186,9 +189,9 @@ def kill_reward_training_after_first_checkpoint(served, partials_before: set[Pat
             # The trainer writes trainer_state.json last; resume skips checkpoints without it.
             if (partial / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
                 key = partial.name.removesuffix(".partial")
-                lock = served.output_root / "prefect" / "locks" / f"reward-{key}.lock"
-                assert lock.is_file(), f"no lock file names the process training reward ({lock})"
-                os.kill(int(json.loads(lock.read_text())["pid"]), signal.SIGKILL)
+                markers = list((served.output_root / "prefect" / "running").glob("reward.*"))
+                assert len(markers) == 1, f"expected one process training reward, found {markers}"
+                os.kill(int(markers[0].name.split(".")[1]), signal.SIGKILL)
                 return key
         with served.server.client() as client:
             state = client.read_flow_run(flow_run_id).state

@@ -140,6 +140,48 @@ def test_kill_during_dpo_then_resume_from_checkpoint(tmp_path):
     assert manifest["metrics"]["resumed_from_checkpoint"] is True
 
 
+def test_a_killed_stage_fails_alone_naming_itself_and_its_neighbour_finishes(harness, tmp_path):
+    """As an out-of-memory kill would: the reward stage's process dies mid-training; DPO,
+    training beside it, still publishes; the run fails naming reward and the signal, and
+    reward's task run ends Failed, not Running forever."""
+    import asyncio
+    import threading
+
+    from prefect import get_client
+
+    running, killed = tmp_path / "prefect" / "running", []
+
+    def kill_reward_once_it_trains() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            for marker in running.glob("reward.*"):
+                time.sleep(1.0)  # let it get into training
+                os.kill(int(marker.name.split(".")[1]), signal.SIGKILL)
+                killed.append(marker.name)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_reward_once_it_trains, daemon=True)
+    killer.start()
+    state = run_flow(tmp_path, stages=["reward", "dpo"], overrides=["reward.max_steps=400", "reward.save_steps=1000"])
+    killer.join()
+    assert killed, "the reward stage never started"
+    assert state.is_failed()
+    assert "stage reward" in str(state.message) and "SIGKILL" in str(state.message), state.message
+    assert set(key.split("/")[0] for key in published(tmp_path)) == {"data_prep", "sft", "dpo"}
+
+    async def task_states():
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            runs = await client.read_task_runs(flow_run_filter=this_run)
+            return {run.name.split("-")[0]: run.state.type.value for run in runs}
+
+    states = asyncio.run(task_states())
+    assert states["reward"] == "FAILED" and states["dpo"] == "COMPLETED", states
+
+
 def test_config_change_reruns_only_descendants(harness, tmp_path):
     assert run_flow(tmp_path).is_completed()
     before = published(tmp_path)
@@ -189,6 +231,7 @@ def test_dry_run_trains_nothing(tmp_path, capsys):
     "selection, planned",
     [
         (["--stages", "grpo"], ["data_prep", "sft", "reward", "grpo"]),
+        (["--stages", "all", "--set", "stages=[dpo]"], registry.stage_names()),
         # The preset's own stage list applies when --stages is not given.
         (["--set", "stages=[dpo]"], ["data_prep", "sft", "dpo"]),
         (["--set", "stages=[dpo]", "--stages", "ppo"], ["data_prep", "sft", "reward", "ppo"]),

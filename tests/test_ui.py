@@ -20,7 +20,9 @@ import pytest
 
 from conftest_server import REPO, task_states
 from flows.rlhf import RunParameters
-from pipeline_lib.config import STAGES
+from pipeline_lib.registry import policy_names, stage_names
+
+STAGES = stage_names()
 
 pytestmark = pytest.mark.server
 
@@ -150,7 +152,7 @@ def test_quick_run_from_the_ui(retrain_service, page):
     open_tab(page, "Artifacts")
     page.locator("a[href*='/artifacts/artifact/']", has_text="rlhf-metrics").click()
     table = page.locator("table").first
-    for policy in ("base", "sft", "dpo", "ppo"):
+    for policy in ("base", *policy_names()):
         table.get_by_text(policy, exact=True).first.wait_for()
     shots.take(page, "rlhf-metrics")
 

@@ -37,7 +37,7 @@ def describe_embedded(source: str, data: DataSection, seed: int) -> None:
 
 def describe_rows(arguments: argparse.Namespace, data: DataSection, seed: int) -> None:
     rows = load_rows(arguments.source, arguments.split, arguments.revision, arguments.max_rows)
-    schema, normalised = normalize_rows(rows, arguments.kind, arguments.source)
+    schema, normalised = normalize_rows(rows, arguments.kind, arguments.source, data.max_field_chars)
     train, held_out = split_rows(normalised, data.holdout_percent, seed)
     print(f"source: {arguments.source}")
     print(f"schema: {schema} ({arguments.kind})")

@@ -141,18 +141,25 @@ def normalize_sft(row: dict[str, Any], schema: str) -> dict[str, str]:
     raise ValueError(f"unknown SFT schema {schema!r}")
 
 
-def _text_problem(value: Any) -> str | None:
+# Longest accepted prompt or response (data.max_field_chars): tokenizers and collators
+# process a whole field before truncating it, so one 50 MB line costs gigabytes.
+DEFAULT_MAX_FIELD_CHARS = 20_000
+
+
+def _text_problem(value: Any, max_chars: int) -> str | None:
     if value is None:
         return "is empty (null)"
     if not isinstance(value, str):
         return f"is not text ({type(value).__name__})"
     if not value.strip():
         return "is empty"
+    if len(value) > max_chars:
+        return f"is {len(value)} characters long, over the limit of {max_chars} (data.max_field_chars)"
     return None
 
 
 def normalize_rows(
-    rows: list[dict[str, Any]], kind: str, source: str
+    rows: list[dict[str, Any]], kind: str, source: str, max_chars: int = DEFAULT_MAX_FIELD_CHARS
 ) -> tuple[str, list[dict[str, str]]]:
     """Detect the schema, normalise every row and validate it. Raises DataValidationError."""
     if not rows:
@@ -174,7 +181,7 @@ def normalize_rows(
         except (TypeError, ValueError) as error:
             problems.append(RowProblem(index, schema, str(error)))
             continue
-        row_problems = [RowProblem(index, name, problem) for name in fields if (problem := _text_problem(item[name]))]
+        row_problems = [RowProblem(index, name, problem) for name in fields if (problem := _text_problem(item[name], max_chars))]
         if kind == "pairs" and not row_problems and item["chosen"].strip() == item["rejected"].strip():
             row_problems.append(RowProblem(index, "rejected", "is identical to chosen"))
         problems.extend(row_problems)

@@ -108,11 +108,11 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
 def _external_sources(config: PipelineConfig) -> dict[str, Any]:
     data = config.data
     rows = load_rows(data.source, data.split, data.revision, data.max_rows)
-    schema, pairs = normalize_rows(rows, "pairs", data.source)
+    schema, pairs = normalize_rows(rows, "pairs", data.source, data.max_field_chars)
     pairs_train, pairs_eval = split_rows(pairs, data.holdout_percent, config.seed)
     if data.sft_source:
         sft_rows = load_rows(data.sft_source, data.sft_split, None, data.max_rows)
-        _, sft = normalize_rows(sft_rows, "sft", data.sft_source)
+        _, sft = normalize_rows(sft_rows, "sft", data.sft_source, data.max_field_chars)
         sft_train, sft_eval = split_rows(sft, data.holdout_percent, config.seed)
     else:
         sft_train = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs_train]

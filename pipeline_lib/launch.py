@@ -1,0 +1,160 @@
+"""Run one stage in a process of its own, so a stage that dies takes nothing else with it.
+
+The flow runs each stage's task in a thread and the stage's ML here, in a child process:
+torch's RNG, thread pool and transformers' model loading are process-global, and a
+process is what the kernel's out-of-memory killer ends. If the child dies (killed,
+out of memory, a crash in native code), only that stage fails, with a message that
+names it and the signal, and stages beside it carry on; if it raises, its exception
+comes back with its message. Memory goes back to the system when each stage ends.
+
+Children are forked from a ``multiprocessing`` fork server that has imported torch,
+transformers, TRL and the stages once, so starting a stage costs milliseconds instead
+of the seconds those imports take; the server starts clean (it is spawned, not forked
+from the flow), so nothing of the parent's state leaks in. The child sends its
+``pipeline_lib`` log records back over a queue; the parent re-emits them in its own
+logging (and from there to the Prefect UI), so progress reaches the person watching.
+
+No Prefect here: ``tasks/stages.py`` calls ``run_stage_process`` inside its task.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import multiprocessing
+import os
+import queue as queue_module
+import signal
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.errors import PipelineError, StageFailed
+
+# Imported once in the fork server, so every stage process starts with them loaded: the
+# main script first (otherwise multiprocessing re-runs it in every child), the libraries
+# and the parts of them the trainers load lazily, then every stage module. A name that
+# fails to import is skipped by multiprocessing, costing only speed.
+PRELOAD_LIBRARIES = [
+    "__main__",
+    "torch",
+    "transformers",
+    "transformers.trainer",
+    "transformers.models.llama.modeling_llama",
+    "datasets",
+    "trl",
+    "trl.trainer.sft_trainer",
+    "trl.trainer.reward_trainer",
+    "trl.trainer.dpo_trainer",
+    "trl.trainer.grpo_trainer",
+    "trl.experimental.ppo",
+]
+_context: multiprocessing.context.ForkServerContext | None = None
+
+
+def _fork_server() -> multiprocessing.context.ForkServerContext:
+    global _context
+    if _context is None:
+        import pkgutil
+
+        import pipeline_lib.stages as stage_package
+
+        stage_modules = [f"{stage_package.__name__}.{info.name}" for info in pkgutil.iter_modules(stage_package.__path__)]
+        # PPO lives in trl.experimental (see stages/ppo.py); its import warning says nothing new.
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload([*PRELOAD_LIBRARIES, "pipeline_lib.registry", *stage_modules, __name__])
+    return _context
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this process when the fork server (and so the flow) goes away, so a
+    killed run leaves no stage training on its own."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the stage ends with its own work
+        pass
+
+
+def _child(stage_name: str, config_json: dict[str, Any], inputs: dict[str, str], out_dir: str, cores_dir: str, logs, results) -> None:
+    _die_with_parent()
+    handler = logging.handlers.QueueHandler(logs)
+    project_logger = logging.getLogger("pipeline_lib")
+    project_logger.handlers[:] = [handler]
+    project_logger.setLevel(logging.INFO)
+    project_logger.propagate = False
+    try:
+        from pipeline_lib import cores, registry
+        from pipeline_lib.config import PipelineConfig
+
+        config = PipelineConfig.model_validate(config_json)
+        stage = registry.stage(stage_name)
+        with cores.running(Path(cores_dir), stage_name) as threads:
+            project_logger.info("%s: stage process %d started (%d torch threads)", stage_name, os.getpid(), threads)
+            metrics = stage.run(config, {name: Path(path) for name, path in inputs.items()}, Path(out_dir))
+        results.put({"metrics": metrics})
+    except BaseException as error:  # everything goes back to the parent, which raises it
+        message = str(error) if isinstance(error, PipelineError) else f"{type(error).__name__}: {error}"
+        project_logger.error("%s failed:\n%s", stage_name, traceback.format_exc())
+        results.put({"error": message})
+        raise SystemExit(1)
+
+
+def _describe_exit(stage_name: str, pid: int, exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        cause = " (out of memory, or killed by hand)" if name == "SIGKILL" else ""
+        return f"stage {stage_name}: its process {pid} was killed by {name}{cause}"
+    return f"stage {stage_name}: its process {pid} exited with status {exitcode} without a result"
+
+
+def run_stage_process(
+    stage_name: str, config_json: dict[str, Any], inputs: dict[str, Path], out_dir: Path, cores_dir: Path
+) -> dict[str, Any]:
+    """Run ``registry.stage(stage_name).run`` in a child process; return its metrics.
+
+    Raises ``StageFailed`` naming the stage with the child's own error message, or with the
+    signal that ended it."""
+    context = _fork_server()
+    logs, results = context.Queue(), context.Queue()
+    process = context.Process(
+        target=_child,
+        args=(stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir), str(cores_dir), logs, results),
+        name=f"stage-{stage_name}",
+    )
+    process.start()
+    outcome: dict[str, Any] | None = None
+    try:
+        while outcome is None:
+            _forward_logs(logs)
+            try:
+                outcome = results.get(timeout=0.2)
+            except queue_module.Empty:
+                if not process.is_alive():
+                    try:  # the result may have arrived just as the process ended
+                        outcome = results.get(timeout=1.0)
+                    except queue_module.Empty:
+                        break
+        process.join()
+    finally:
+        if process.is_alive():  # the parent is being interrupted: the stage goes with it
+            process.kill()
+            process.join()
+        _forward_logs(logs)
+    if outcome is None:
+        raise StageFailed(_describe_exit(stage_name, process.pid, process.exitcode))
+    if "error" in outcome:
+        message = outcome["error"]
+        raise StageFailed(message if message.startswith(f"{stage_name} failed") else f"{stage_name} failed: {message}")
+    return outcome["metrics"]
+
+
+def _forward_logs(logs) -> None:
+    while True:
+        try:
+            record = logs.get_nowait()
+        except queue_module.Empty:
+            return
+        logging.getLogger(record.name).handle(record)
