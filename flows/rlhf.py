@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from pipeline_lib.config import PipelineConfig, available_presets, check_top_k, load_config
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.errors import PipelineError, StageFailed
+from pipeline_lib.launch import stages_stop_on_sigterm
 from pipeline_lib.models import materialize_base_model, num_decoder_layers
 from pipeline_lib.plan import Plan, check_before_work, make_plan, parse_stage_list
 from pipeline_lib.registry import stage_names
@@ -145,19 +146,20 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     for stage in plan.stages:
         logger.info("plan: %-9s %s %s", stage.name, stage.key[:12], "cached" if not stage.will_run else "will run")
     progress = create_progress_artifact(0.0, key="rlhf-progress", description="Stages finished")
-    futures = submit_stages(config, plan, base_model_dir)
     results: dict[str, StageResult] = {}
     failures: dict[str, str] = {}
-    for future in as_completed(list(futures.values())):
-        name = next(stage for stage, candidate in futures.items() if candidate is future)
-        future.wait()
-        if future.state.is_completed():
-            results[name] = future.result()
-            if future.state.name == "Cached":
-                results[name] = results[name].model_copy(update={"trained": False})
-        else:
-            failures[name] = failure_message(future.state)
-        update_progress_artifact(progress, 100.0 * (len(results) + len(failures)) / len(futures))
+    with stages_stop_on_sigterm():
+        futures = submit_stages(config, plan, base_model_dir)
+        for future in as_completed(list(futures.values())):
+            name = next(stage for stage, candidate in futures.items() if candidate is future)
+            future.wait()
+            if future.state.is_completed():
+                results[name] = future.result()
+                if future.state.name == "Cached":
+                    results[name] = results[name].model_copy(update={"trained": False})
+            else:
+                failures[name] = failure_message(future.state)
+            update_progress_artifact(progress, 100.0 * (len(results) + len(failures)) / len(futures))
     publish_artifacts(plan, results)
     summary = run_summary(plan, results, failures)
     if failures:

@@ -27,14 +27,19 @@ _active: tuple[Path, int] | None = None
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process of this machine with that id exists (signal 0 probes it)."""
+    """Whether a process of this machine with that id is running (signal 0 probes it; a
+    zombie, killed but not yet reaped by its parent, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (not Linux): trust the probe
+        return True
+    return state not in ("Z", "X")
 
 
 def running_stages(directory: Path) -> list[str]:

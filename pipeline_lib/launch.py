@@ -25,10 +25,15 @@ import multiprocessing
 import os
 import queue as queue_module
 import signal
+import threading
+import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib.cores import process_alive
 from pipeline_lib.errors import PipelineError, StageFailed
 
 # Imported once in the fork server, so every stage process starts with them loaded: the
@@ -50,6 +55,7 @@ PRELOAD_LIBRARIES = [
     "trl.experimental.ppo",
 ]
 _context: multiprocessing.context.ForkServerContext | None = None
+_live: set = set()  # stage processes running now, for stop_all_stages
 
 
 def _fork_server() -> multiprocessing.context.ForkServerContext:
@@ -67,19 +73,24 @@ def _fork_server() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process when the fork server (and so the flow) goes away, so a
-    killed run leaves no stage training on its own."""
-    try:
-        import ctypes
+def _end_with(flow_pid: int, every_seconds: float = 1.0) -> None:
+    """End this stage process once the flow's process is gone (killed, or cancelled from the
+    UI), so a run that stopped leaves no stage training on its own. A watchdog thread, not
+    PR_SET_PDEATHSIG: this process's parent is the fork server, which outlives the flow
+    for as long as any process it forked is alive."""
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the stage ends with its own work
-        pass
+    def watch() -> None:
+        while process_alive(flow_pid):
+            time.sleep(every_seconds)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-flow", daemon=True).start()
 
 
-def _child(stage_name: str, config_json: dict[str, Any], inputs: dict[str, str], out_dir: str, cores_dir: str, logs, results) -> None:
-    _die_with_parent()
+def _child(
+    stage_name: str, config_json: dict[str, Any], inputs: dict[str, str], out_dir: str, cores_dir: str, flow_pid: int, logs, results
+) -> None:
+    _end_with(flow_pid)
     handler = logging.handlers.QueueHandler(logs)
     project_logger = logging.getLogger("pipeline_lib")
     project_logger.handlers[:] = [handler]
@@ -121,14 +132,22 @@ def run_stage_process(
     logs, results = context.Queue(), context.Queue()
     process = context.Process(
         target=_child,
-        args=(stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir), str(cores_dir), logs, results),
+        args=(
+            stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir), str(cores_dir),
+            os.getpid(), logs, results,
+        ),
         name=f"stage-{stage_name}",
     )
     process.start()
+    _live.add(process)
     outcome: dict[str, Any] | None = None
     try:
         while outcome is None:
             _forward_logs(logs)
+            if not threading.main_thread().is_alive():
+                # The flow's process is shutting down (SIGTERM, as a cancel from the UI sends):
+                # the stage stops with it instead of training on unobserved.
+                process.kill()
             try:
                 outcome = results.get(timeout=0.2)
             except queue_module.Empty:
@@ -142,6 +161,7 @@ def run_stage_process(
         if process.is_alive():  # the parent is being interrupted: the stage goes with it
             process.kill()
             process.join()
+        _live.discard(process)
         _forward_logs(logs)
     if outcome is None:
         raise StageFailed(_describe_exit(stage_name, process.pid, process.exitcode))
@@ -149,6 +169,39 @@ def run_stage_process(
         message = outcome["error"]
         raise StageFailed(message if message.startswith(f"{stage_name} failed") else f"{stage_name} failed: {message}")
     return outcome["metrics"]
+
+
+def stop_all_stages() -> None:
+    """Kill every stage process this process started (a run being cancelled or terminated)."""
+    for process in list(_live):
+        if process.is_alive():
+            process.kill()
+
+
+@contextmanager
+def stages_stop_on_sigterm() -> Iterator[None]:
+    """While in this block, SIGTERM (what a cancel from the Prefect UI sends the flow's
+    process) first kills the running stage processes, then does what it did before: the
+    flow's own handler waits for its running tasks, and they end at once instead of when
+    their stage would have finished. Only the main thread can install a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame) -> None:
+        stop_all_stages()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _forward_logs(logs) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from pipeline_lib import models, registry
 from pipeline_lib.config import ConfigError, PipelineConfig
-from pipeline_lib.data import schemas, sources
+from pipeline_lib.data import schemas, sentiment_task, sources
+from pipeline_lib.data.files import EMBEDDED_SENTIMENT
 from pipeline_lib.store import Store, sha256_text, stage_key
 
 
@@ -110,6 +111,10 @@ def check_before_work(config: PipelineConfig) -> None:
         raise ConfigError(f"output_root: {root} exists and is not a directory")
     parse_stage_list(config.stages, what="stages")
     data = config.data
+    if sources.is_embedded(data.source):
+        if data.source != EMBEDDED_SENTIMENT:
+            raise schemas.DataValidationError(data.source, f"unknown embedded task; the embedded task is {EMBEDDED_SENTIMENT!r}")
+        sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, config.seed)
     for source, split, kind in ((data.source, data.split, "pairs"), (data.sft_source, data.sft_split, "sft")):
         if source and sources.is_local(source):
             schemas.normalize_rows(sources.load_rows(source, split, None, data.max_rows), kind, source, data.max_field_chars)

@@ -58,6 +58,8 @@ def test_bad_data_file_exits_2_naming_it(tmp_path: Path, capsys, case: str) -> N
         (["--set", "grpo.num_generations=3"], "num_generations"),
         (["--set", "model.name=/nonexistent/model"], "model.name"),
         (["--stages", "kto"], "kto"),
+        (["--set", "data.num_prompts=100000"], "data.num_prompts"),
+        (["--set", "data.source=embedded:nosuch"], "embedded:nosuch"),
     ],
 )
 def test_bad_settings_exit_2_naming_them(tmp_path: Path, capsys, args: list[str], named: str) -> None:

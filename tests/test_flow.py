@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from flows.rlhf import RunParameters, main, rlhf
 from pipeline_lib import registry
+from pipeline_lib.cores import process_alive
 
 pytestmark = pytest.mark.flow
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,8 @@ def cli(output_root: Path, *args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("PREFECT_API_URL", None)  # each CLI run starts its own temporary server
     command = [sys.executable, str(REPO / "flows" / "rlhf.py"), "--preset", "tiny", "--output-root", str(output_root), *args]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen(command, cwd=REPO, env=env, text=True, **popen)
 
 
 def last_json_line(stdout: str) -> dict:
@@ -180,6 +182,39 @@ def test_a_killed_stage_fails_alone_naming_itself_and_its_neighbour_finishes(har
 
     states = asyncio.run(task_states())
     assert states["reward"] == "FAILED" and states["dpo"] == "COMPLETED", states
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["terminated", "killed"])
+def test_a_stopped_run_leaves_no_stage_training(tmp_path, signum):
+    """The flow's process alone is stopped (a cancel from the UI sends SIGTERM; the OOM
+    killer SIGKILL): the stage process it started ends too, within seconds."""
+    import psutil
+
+    log = tmp_path / "run.log"
+    with open(log, "w") as output:
+        process = cli(tmp_path, "--stages", "dpo", "--set", "dpo.max_steps=400", stdout=output, stderr=output)
+    deadline, marker = time.time() + 300, None
+    while time.time() < deadline and marker is None:
+        marker = next(iter((tmp_path / "prefect" / "running").glob("dpo.*")), None)
+        assert process.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    assert marker is not None, "the DPO stage never started"
+    stage_pid = int(marker.name.split(".")[1])
+    started_by_the_run = psutil.Process(process.pid).children(recursive=True)
+    os.kill(process.pid, signum)
+    try:
+        process.wait(timeout=60)
+        deadline = time.time() + 15
+        while time.time() < deadline and process_alive(stage_pid):
+            time.sleep(0.2)
+        assert not process_alive(stage_pid), f"the DPO stage process {stage_pid} outlived its run"
+    finally:
+        # Prefect's temporary server outlives a run stopped by a signal: stop it here.
+        for child in started_by_the_run:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_config_change_reruns_only_descendants(harness, tmp_path):

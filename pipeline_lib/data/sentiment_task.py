@@ -18,6 +18,8 @@ from __future__ import annotations
 import random
 from functools import lru_cache
 
+from pipeline_lib.errors import ConfigError
+
 TEMPLATES = (
     "Write a one-sentence review of {subject}.",
     "In one sentence, what did you think of {subject}?",
@@ -57,7 +59,10 @@ def build_prompts(num_train: int, num_eval: int, seed: int) -> tuple[list[str], 
     """Training and held-out prompts over disjoint subjects."""
     subjects = _all_subjects(seed)
     if num_train + num_eval > len(subjects):
-        raise ValueError(f"the embedded task has {len(subjects)} subjects; asked for {num_train + num_eval}")
+        raise ConfigError(
+            f"data.num_prompts + data.num_eval_prompts: the embedded task has {len(subjects)} subjects, "
+            f"asked for {num_train} + {num_eval} = {num_train + num_eval}"
+        )
     rng = random.Random(seed + 1)
     eval_subjects = subjects[:num_eval]
     train_subjects = subjects[num_eval : num_eval + num_train]

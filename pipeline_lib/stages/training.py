@@ -96,7 +96,7 @@ def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> 
     trainer.add_callback(ShareCores())
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint:
-        logger.info("%s: resuming from %s", stage, checkpoint)
+        logger.info("%s: resuming from %s (%s)", stage, Path(checkpoint).name, checkpoint)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint) if resume else trainer.train()
     except BaseException as error:
