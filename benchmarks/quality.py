@@ -43,6 +43,11 @@ TARGETS = (
     ("PPO distinct-2 / SFT's", "ppo/distinct_2_ratio", ">=", 0.80),
     ("DPO mean length / SFT's", "dpo/length_ratio", "within", (0.5, 2.0)),
     ("PPO mean length / SFT's", "ppo/length_ratio", "within", (0.5, 2.0)),
+    # GRPO is judged as PPO is: the same reward model, prompts and budget of prompts.
+    ("GRPO oracle gain over SFT", "grpo/oracle_gain", ">=", 0.15),
+    ("GRPO win rate vs SFT (reward model)", "grpo/win_rate", ">=", 0.65),
+    ("GRPO distinct-2 / SFT's", "grpo/distinct_2_ratio", ">=", 0.80),
+    ("GRPO mean length / SFT's", "grpo/length_ratio", "within", (0.5, 2.0)),
     ("whole run, wall seconds", "wall_seconds", "<=", 900.0),
 )
 
