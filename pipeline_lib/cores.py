@@ -1,6 +1,7 @@
 """Share the machine's cores between stages that run side by side in separate processes.
 
-Reward, DPO and PPO may run at the same time (the flow runs them in worker processes).
+Reward, DPO, PPO and GRPO may run at the same time (each stage trains in a process of its
+own, pipeline_lib/launch.py).
 torch's thread pool is per process and neither torch nor Prefect knows of the other
 stages, so we keep a small registry: each running stage holds a marker file
 ``<directory>/<stage>.<pid>``, and its torch thread count is ``cores // live markers``.
@@ -10,7 +11,8 @@ process died (killed run) is ignored.
 
 Outside ``running`` (a stage called directly, the tests) nothing changes torch's threads.
 A thread count can change the last bits of CPU reductions, so two runs whose stages
-overlapped differently may differ in those bits; a stage run alone is repeatable.
+overlapped differently may differ in those bits; a stage run alone is repeatable, and so
+is every run when ``OMP_NUM_THREADS`` caps each stage at one thread (the tests do).
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ def running_stages(directory: Path) -> list[str]:
 
 
 def share(directory: Path, cores: int) -> int:
-    """This process's share: all the cores split evenly between the live stages."""
-    return max(1, cores // max(1, len(running_stages(directory))))
+    """This process's share: all the cores split evenly between the live stages, at most
+    ``OMP_NUM_THREADS`` when the user set it (their cap on threads per process)."""
+    threads = max(1, cores // max(1, len(running_stages(directory))))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
 
 
 def apply_share() -> int | None:

@@ -38,8 +38,9 @@ from pipeline_lib.errors import PipelineError, StageFailed
 
 # Imported once in the fork server, so every stage process starts with them loaded: the
 # main script first (otherwise multiprocessing re-runs it in every child), the libraries
-# and the parts of them the trainers load lazily, then every stage module. A name that
-# fails to import is skipped by multiprocessing, costing only speed.
+# and the parts of them the trainers load lazily, then every stage module (found, not
+# listed). This list is a start-up speed hint only: a module missing from it is imported
+# by the stage that needs it (a second or two), and a name that fails to import is skipped.
 PRELOAD_LIBRARIES = [
     "__main__",
     "torch",

@@ -104,8 +104,9 @@ def data_fingerprint(config: PipelineConfig) -> str:
 
 def check_before_work(config: PipelineConfig) -> None:
     """What can be checked without training, checked before any stage starts: the output
-    root, the stages the config names, and every local data file (read, normalised and
-    validated in full, so a bad row fails here naming file, row and field)."""
+    root, the stages the config names, the embedded task's sizes, that a hub dataset
+    answers, and every local data file (read, normalised and validated in full, so a bad
+    row fails here naming file, row and field)."""
     root = Path(config.output_root)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_root: {root} exists and is not a directory")
@@ -115,6 +116,9 @@ def check_before_work(config: PipelineConfig) -> None:
         if data.source != EMBEDDED_SENTIMENT:
             raise schemas.DataValidationError(data.source, f"unknown embedded task; the embedded task is {EMBEDDED_SENTIMENT!r}")
         sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, config.seed)
+    for source, revision in ((data.source, data.revision), (data.sft_source, None)):
+        if source and not sources.is_local(source) and not sources.is_embedded(source):
+            sources.source_fingerprint(source, revision)  # a hub dataset that cannot be reached fails here
     for source, split, kind in ((data.source, data.split, "pairs"), (data.sft_source, data.sft_split, "sft")):
         if source and sources.is_local(source):
             schemas.normalize_rows(sources.load_rows(source, split, None, data.max_rows), kind, source, data.max_field_chars)

@@ -60,6 +60,7 @@ def test_bad_data_file_exits_2_naming_it(tmp_path: Path, capsys, case: str) -> N
         (["--stages", "kto"], "kto"),
         (["--set", "data.num_prompts=100000"], "data.num_prompts"),
         (["--set", "data.source=embedded:nosuch"], "embedded:nosuch"),
+        (["--set", "data.source=nobody/no-such-dataset"], "nobody/no-such-dataset"),
     ],
 )
 def test_bad_settings_exit_2_naming_them(tmp_path: Path, capsys, args: list[str], named: str) -> None:

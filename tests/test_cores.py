@@ -11,7 +11,8 @@ import torch
 from pipeline_lib import cores
 
 
-def test_a_stage_alone_takes_every_core_and_neighbours_split_them(tmp_path: Path) -> None:
+def test_a_stage_alone_takes_every_core_and_neighbours_split_them(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         with cores.running(tmp_path, "dpo", cores=2) as threads:
@@ -32,3 +33,13 @@ def test_a_stage_alone_takes_every_core_and_neighbours_split_them(tmp_path: Path
         assert cores.apply_share() is None  # outside a running stage nothing is changed
     finally:
         torch.set_num_threads(before)
+
+
+def test_omp_num_threads_caps_each_stage(tmp_path: Path, monkeypatch) -> None:
+    """The user's cap on threads per process holds (and makes runs repeatable whatever overlaps)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cores.share(tmp_path, cores=8) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cores.share(tmp_path, cores=8) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert cores.share(tmp_path, cores=8) == 8

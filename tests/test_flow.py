@@ -217,6 +217,56 @@ def test_a_stopped_run_leaves_no_stage_training(tmp_path, signum):
                 pass
 
 
+def test_kill_trials_across_every_stage_then_the_evaluation_equals_an_uninterrupted_runs(harness, tmp_path):
+    """Every stage's process is killed once, at a random point of its run (as the OOM killer
+    would), in DAG order; each rerun skips what finished and resumes what was killed. The
+    final evaluation must equal that of a run never interrupted (each stage process is
+    capped at one thread by conftest's OMP_NUM_THREADS, so overlaps do not change bits)."""
+    import random
+    import threading
+
+    seed = int(os.environ.get("KILL_TRIAL_SEED", time.time_ns() % 10_000))
+    print(f"kill trial seed {seed} (KILL_TRIAL_SEED={seed} repeats these kill points)")
+    rng = random.Random(seed)
+    uninterrupted = run_flow(tmp_path / "uninterrupted")
+    assert uninterrupted.is_completed(), uninterrupted.message
+
+    root, killed, interrupted = tmp_path / "interrupted", [], []
+    for stage in registry.stage_names():
+        delay, run_over = rng.uniform(0.0, 2.0), threading.Event()
+
+        def kill_once_running(stage=stage, delay=delay, run_over=run_over) -> None:
+            while not run_over.is_set():
+                for marker in (root / "prefect" / "running").glob(f"{stage}.*"):
+                    time.sleep(delay)
+                    pid = int(marker.name.split(".")[1])
+                    if process_alive(pid):
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(stage)
+                    return
+                time.sleep(0.02)
+
+        killer = threading.Thread(target=kill_once_running, daemon=True)
+        killer.start()
+        state = run_flow(root)
+        run_over.set()
+        killer.join()
+        if not state.is_completed():
+            assert f"stage {stage}" in str(state.message) and "SIGKILL" in str(state.message), state.message
+            interrupted.append(stage)
+    # A kill can land after the stage handed back its result: that run then completes.
+    assert interrupted, f"no kill interrupted a stage (killed: {killed})"
+    final = run_flow(root)
+    assert final.is_completed(), final.message
+    print(f"killed: {killed}; runs interrupted: {interrupted}")
+    expected, got = uninterrupted.result()["evaluation"], final.result()["evaluation"]
+    assert got["policies"].keys() == expected["policies"].keys()
+    for policy, row in expected["policies"].items():
+        for metric, value in row.items():
+            assert got["policies"][policy][metric] == pytest.approx(value, abs=1e-6), (policy, metric, killed)
+    assert got["reward_model_pairwise_accuracy"] == expected["reward_model_pairwise_accuracy"]
+
+
 def test_config_change_reruns_only_descendants(harness, tmp_path):
     assert run_flow(tmp_path).is_completed()
     before = published(tmp_path)
