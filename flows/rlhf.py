@@ -164,7 +164,8 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     summary = run_summary(plan, results, failures)
     if failures:
         first = next(name for name in plan.names() if name in failures)
-        error = StageFailed(f"stage {first} failed: {failures[first]}")
+        detail = failures[first]
+        error = StageFailed(detail if detail.startswith(f"stage {first} failed") else f"stage {first} failed: {detail}")
         error.summary = summary  # main() prints it: every stage's status and error
         raise error
     return summary

@@ -118,8 +118,8 @@ def _describe_exit(stage_name: str, pid: int, exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
         cause = " (out of memory, or killed by hand)" if name == "SIGKILL" else ""
-        return f"stage {stage_name}: its process {pid} was killed by {name}{cause}"
-    return f"stage {stage_name}: its process {pid} exited with status {exitcode} without a result"
+        return f"stage {stage_name} failed: its process {pid} was killed by {name}{cause}"
+    return f"stage {stage_name} failed: its process {pid} exited with status {exitcode} without a result"
 
 
 def run_stage_process(
@@ -167,8 +167,8 @@ def run_stage_process(
     if outcome is None:
         raise StageFailed(_describe_exit(stage_name, process.pid, process.exitcode))
     if "error" in outcome:
-        message = outcome["error"]
-        raise StageFailed(message if message.startswith(f"{stage_name} failed") else f"{stage_name} failed: {message}")
+        # Training errors already read "<stage> failed: ..."; say it once.
+        raise StageFailed(f"stage {stage_name} failed: {outcome['error'].removeprefix(f'{stage_name} failed: ')}")
     return outcome["metrics"]
 
 

@@ -180,24 +180,28 @@ def kill_reward_training_after_first_checkpoint(served, partials_before: set[Pat
 
     The process is the stage's own (pipeline_lib/launch.py), the one an out-of-memory kill
     would hit; it registers as ``prefect/running/reward.<pid>`` (pipeline_lib/cores.py).
-    Nothing in the pipeline is patched.
+    The tiny reward stage trains for about a second after that checkpoint, so the store is
+    polled in a tight loop and the run's state only every second. Nothing in the pipeline
+    is patched.
     """
-    store = served.output_root / "store"
-    deadline = time.monotonic() + timeout
+    store, running = served.output_root / "store", served.output_root / "prefect" / "running"
+    deadline, next_state_check, reward_pid = time.monotonic() + timeout, 0.0, None
     while time.monotonic() < deadline:
+        markers = list(running.glob("reward.*"))
+        if markers:
+            reward_pid = int(markers[0].name.split(".")[1])
         for partial in set(store.glob("reward/*.partial")) - partials_before:
             # The trainer writes trainer_state.json last; resume skips checkpoints without it.
-            if (partial / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
-                key = partial.name.removesuffix(".partial")
-                markers = list((served.output_root / "prefect" / "running").glob("reward.*"))
-                assert len(markers) == 1, f"expected one process training reward, found {markers}"
-                os.kill(int(markers[0].name.split(".")[1]), signal.SIGKILL)
-                return key
-        with served.server.client() as client:
-            state = client.read_flow_run(flow_run_id).state
-        assert not state.is_final(), f"the run ended ({state.name}) before reward wrote a checkpoint"
-        served.check_alive()
-        time.sleep(0.1)
+            if reward_pid and (partial / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file():
+                os.kill(reward_pid, signal.SIGKILL)
+                return partial.name.removesuffix(".partial")
+        if time.monotonic() > next_state_check:
+            with served.server.client() as client:
+                state = client.read_flow_run(flow_run_id).state
+            assert not state.is_final(), f"the run ended ({state.name}) before reward wrote a checkpoint"
+            served.check_alive()
+            next_state_check = time.monotonic() + 1.0
+        time.sleep(0.01)
     raise AssertionError(f"reward wrote no checkpoint within {timeout}s")
 
 

@@ -218,10 +218,12 @@ def test_a_stopped_run_leaves_no_stage_training(tmp_path, signum):
 
 
 def test_kill_trials_across_every_stage_then_the_evaluation_equals_an_uninterrupted_runs(harness, tmp_path):
-    """Every stage's process is killed once, at a random point of its run (as the OOM killer
-    would), in DAG order; each rerun skips what finished and resumes what was killed. The
-    final evaluation must equal that of a run never interrupted (each stage process is
-    capped at one thread by conftest's OMP_NUM_THREADS, so overlaps do not change bits)."""
+    """Every stage's process is killed once, at a random point of its first half second
+    (model loading or training, as the OOM killer would), in DAG order: each trial runs
+    that stage and what it needs, so what finished is reused and what was killed resumes.
+    The final run's evaluation must equal that of a run never interrupted (each stage
+    process is capped at one thread by conftest's OMP_NUM_THREADS, so overlaps do not
+    change bits)."""
     import random
     import threading
 
@@ -233,7 +235,7 @@ def test_kill_trials_across_every_stage_then_the_evaluation_equals_an_uninterrup
 
     root, killed, interrupted = tmp_path / "interrupted", [], []
     for stage in registry.stage_names():
-        delay, run_over = rng.uniform(0.0, 2.0), threading.Event()
+        delay, run_over = rng.uniform(0.0, 0.5), threading.Event()
 
         def kill_once_running(stage=stage, delay=delay, run_over=run_over) -> None:
             while not run_over.is_set():
@@ -244,18 +246,19 @@ def test_kill_trials_across_every_stage_then_the_evaluation_equals_an_uninterrup
                         os.kill(pid, signal.SIGKILL)
                         killed.append(stage)
                     return
-                time.sleep(0.02)
+                time.sleep(0.005)
 
         killer = threading.Thread(target=kill_once_running, daemon=True)
         killer.start()
-        state = run_flow(root)
+        state = run_flow(root, stages=[stage])
         run_over.set()
         killer.join()
         if not state.is_completed():
             assert f"stage {stage}" in str(state.message) and "SIGKILL" in str(state.message), state.message
             interrupted.append(stage)
-    # A kill can land after the stage handed back its result: that run then completes.
-    assert interrupted, f"no kill interrupted a stage (killed: {killed})"
+    # A kill can land after a stage handed back its result (data prep on tiny takes
+    # milliseconds): that run then completes. The training stages take seconds.
+    assert len(interrupted) >= 3, f"too few kills interrupted a stage (killed: {killed}, interrupted: {interrupted})"
     final = run_flow(root)
     assert final.is_completed(), final.message
     print(f"killed: {killed}; runs interrupted: {interrupted}")
