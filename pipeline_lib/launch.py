@@ -15,6 +15,10 @@ from the flow), so nothing of the parent's state leaks in. The child sends its
 logging (and from there to the Prefect UI), so progress reaches the person watching.
 
 No Prefect here: ``tasks/stages.py`` calls ``run_stage_process`` inside its task.
+
+As with any ``multiprocessing`` start method other than fork, a script that runs the flow
+must do so under ``if __name__ == "__main__":`` (``flows/rlhf.py`` does): the fork server
+imports the main module once.
 """
 
 from __future__ import annotations
