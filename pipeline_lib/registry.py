@@ -27,7 +27,10 @@ from pipeline_lib.store import sha256_text
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["BASE_MODEL", "Stage", "stages", "stage", "stage_names", "policy_names", "inputs_of", "code_version"]
+__all__ = [
+    "BASE_MODEL", "Stage", "stages", "stage", "stage_names", "policy_names", "inputs_of", "stage_inputs",
+    "code_files", "module_code_version", "code_version",
+]
 
 
 @lru_cache(maxsize=1)
