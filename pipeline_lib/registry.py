@@ -5,31 +5,25 @@
 project lists the stages.
 
 ``code_version(stage)`` hashes the source of every project module the stage's module
-imports, transitively, at any depth and inside functions too (the stdlib's
-``modulefinder`` reads the byte code of each module for its imports; we search only the
-project's own folder, so third-party code is covered by the library versions in the key
-instead). Editing any code a stage runs changes its key, with no hand-kept list to go
-stale.
+imports, transitively (``pipeline_lib.code_version``). Editing any code a stage runs
+changes its key, with no hand-kept list to go stale.
 """
 
 from __future__ import annotations
 
 import importlib
-import modulefinder
 import pkgutil
 from functools import lru_cache
 from pathlib import Path
 
 import pipeline_lib.stages as stage_package
+from pipeline_lib.code_version import PROJECT_ROOT, code_files, module_code_version
 from pipeline_lib.errors import ConfigError
 from pipeline_lib.stages import BASE_MODEL, Stage
-from pipeline_lib.store import sha256_text
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = [
     "BASE_MODEL", "Stage", "stages", "stage", "stage_names", "policy_names", "inputs_of", "stage_inputs",
-    "code_files", "module_code_version", "code_version",
+    "PROJECT_ROOT", "code_files", "module_code_version", "code_version",
 ]
 
 
@@ -99,22 +93,6 @@ def inputs_of(name: str, included: list[str] | None = None) -> list[str]:
     every policy of the run for a stage that judges policies."""
     declared = stage(name)
     return [dep for dep in _all_inputs(declared, stages()) if dep in declared.requires or included is None or dep in included]
-
-
-@lru_cache(maxsize=None)
-def code_files(module_name: str, root: Path = PROJECT_ROOT) -> tuple[Path, ...]:
-    """The project's source files (under ``root``) that ``module_name`` imports, itself included."""
-    finder = modulefinder.ModuleFinder(path=[str(root)])
-    finder.import_hook(module_name)
-    files = {Path(module.__file__).resolve() for module in finder.modules.values() if module.__file__}
-    return tuple(sorted(path for path in files if path.is_relative_to(root)))
-
-
-def module_code_version(module_name: str, root: Path = PROJECT_ROOT) -> str:
-    """Hash of the source of ``module_name`` and every project module it imports."""
-    root = Path(root).resolve()
-    parts = [f"{path.relative_to(root)}\n{path.read_text()}" for path in code_files(module_name, root)]
-    return sha256_text("\n".join(parts))
 
 
 def code_version(name: str) -> str:
