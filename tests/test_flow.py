@@ -218,7 +218,7 @@ def test_a_stopped_run_leaves_no_stage_training(tmp_path, signum):
 
 
 def test_kill_trials_across_every_stage_then_the_evaluation_equals_an_uninterrupted_runs(harness, tmp_path):
-    """Every stage's process is killed once, at a random point of its first half second
+    """Every stage's process is killed once, at a random point of its first 0.3 seconds
     (model loading or training, as the OOM killer would), in DAG order: each trial runs
     that stage and what it needs, so what finished is reused and what was killed resumes.
     The final run's evaluation must equal that of a run never interrupted (each stage
@@ -235,7 +235,7 @@ def test_kill_trials_across_every_stage_then_the_evaluation_equals_an_uninterrup
 
     root, killed, interrupted = tmp_path / "interrupted", [], []
     for stage in registry.stage_names():
-        delay, run_over = rng.uniform(0.0, 0.5), threading.Event()
+        delay, run_over = rng.uniform(0.0, 0.3), threading.Event()
 
         def kill_once_running(stage=stage, delay=delay, run_over=run_over) -> None:
             while not run_over.is_set():
