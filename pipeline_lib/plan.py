@@ -19,7 +19,6 @@ from pathlib import Path
 from pipeline_lib import models, registry
 from pipeline_lib.config import ConfigError, PipelineConfig
 from pipeline_lib.data import schemas, sentiment_task, sources
-from pipeline_lib.data.files import EMBEDDED_SENTIMENT
 from pipeline_lib.store import Store, sha256_text, stage_key
 
 
@@ -113,8 +112,7 @@ def check_before_work(config: PipelineConfig) -> None:
     parse_stage_list(config.stages, what="stages")
     data = config.data
     if sources.is_embedded(data.source):
-        if data.source != EMBEDDED_SENTIMENT:
-            raise schemas.DataValidationError(data.source, f"unknown embedded task; the embedded task is {EMBEDDED_SENTIMENT!r}")
+        sources.check_embedded_task(data.source)
         sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, config.seed)
     for source, revision in ((data.source, data.revision), (data.sft_source, None)):
         if source and not sources.is_local(source) and not sources.is_embedded(source):

@@ -19,15 +19,13 @@ import sys
 
 from pipeline_lib.config import DataSection, PipelineConfig
 from pipeline_lib.data import sentiment_task
-from pipeline_lib.data.files import EMBEDDED_SENTIMENT
 from pipeline_lib.data.schemas import DataValidationError, normalize_rows
-from pipeline_lib.data.sources import is_embedded, load_rows, split_rows
+from pipeline_lib.data.sources import check_embedded_task, is_embedded, load_rows, split_rows
 
 
 def describe_embedded(source: str, data: DataSection, seed: int) -> None:
     """The embedded task is generated, not read: show its prompt counts and a template pair."""
-    if source != EMBEDDED_SENTIMENT:
-        raise DataValidationError(source, f"unknown embedded task; the embedded task is {EMBEDDED_SENTIMENT!r}")
+    check_embedded_task(source)
     train_prompts, eval_prompts = sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, seed)
     print(f"source: {source} (generated; held-out prompts use subjects no training prompt mentions)")
     print(f"prompts: train {len(train_prompts)}, held out {len(eval_prompts)}")

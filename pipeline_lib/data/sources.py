@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib.data.files import EMBEDDED_SENTIMENT
 from pipeline_lib.data.schemas import DataValidationError
 from pipeline_lib.store import sha256_file, sha256_text
 
@@ -25,6 +26,12 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv
 
 def is_embedded(source: str) -> bool:
     return source.startswith(EMBEDDED_PREFIX)
+
+
+def check_embedded_task(source: str) -> None:
+    """Raise DataValidationError unless ``source`` names the one embedded task there is."""
+    if source != EMBEDDED_SENTIMENT:
+        raise DataValidationError(source, f"unknown embedded task; the embedded task is {EMBEDDED_SENTIMENT!r}")
 
 
 def is_local(source: str) -> bool:

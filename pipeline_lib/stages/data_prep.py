@@ -22,7 +22,7 @@ from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.data.files import DATA_CARD, EMBEDDED_SENTIMENT, split_path, write_jsonl
 from pipeline_lib.data.schemas import DataValidationError, normalize_rows
-from pipeline_lib.data.sources import is_embedded, load_rows, rows_fingerprint, split_rows, take_percent
+from pipeline_lib.data.sources import check_embedded_task, is_embedded, load_rows, rows_fingerprint, split_rows, take_percent
 from pipeline_lib.stages import BASE_MODEL, Stage
 
 logger = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ def collect(config: PipelineConfig, base_model_dir: Path | None) -> dict[str, An
     """Read, normalise, validate and split; apply the policy and reward percentages."""
     data = config.data
     if is_embedded(data.source):
-        if data.source != EMBEDDED_SENTIMENT:
-            raise DataValidationError(data.source, f"unknown embedded task; the embedded task is {EMBEDDED_SENTIMENT!r}")
+        check_embedded_task(data.source)
         parts = _embedded_task(config, base_model_dir)
     else:
         parts = _external_sources(config)
