@@ -33,12 +33,21 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from pipeline_lib.config import PipelineConfig, available_presets, check_top_k, load_config
+from pipeline_lib.config import PipelineConfig, available_presets, check_precision, load_config
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.errors import PipelineError, StageFailed
 from pipeline_lib.launch import stages_stop_on_sigterm
-from pipeline_lib.models import materialize_base_model, num_decoder_layers
-from pipeline_lib.plan import Plan, check_before_work, make_plan, parse_stage_list
+from pipeline_lib.models import materialize_base_model
+from pipeline_lib.plan import (
+    Plan,
+    check_against_model,
+    check_before_work,
+    closure,
+    describe_downloads,
+    dry_run_details,
+    make_plan,
+    parse_stage_list,
+)
 from pipeline_lib.registry import stage_names
 from tasks.stages import StageResult, prefect_dir, stage_cache_policy, stage_task
 
@@ -72,10 +81,14 @@ class RunParameters(BaseModel):
         return [stage.value for stage in self.force]
 
 
-def prepare_base_model(config: PipelineConfig) -> Path:
-    """Materialise the base model (converted once, then reused) and check top_k against it."""
+def prepare_base_model(config: PipelineConfig, stages: list[str] | None = None) -> Path:
+    """Materialise the base model (converted once, then reused) and check against it what
+    depends on it, for the stages the run includes: top_k depths, LoRA target modules."""
+    import torch
+
+    check_precision(config, torch.cuda.is_available())
     base_model_dir = materialize_base_model(config.model, Path(config.output_root) / "models", sentiment_task.corpus())
-    check_top_k(config, num_decoder_layers(base_model_dir))
+    check_against_model(config, base_model_dir, closure(parse_stage_list(stages, config.stages, "stages")))
     return base_model_dir
 
 
@@ -141,7 +154,7 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     """Run the RLHF pipeline; returns each stage's key, path, cache state and the evaluation."""
     logger = get_run_logger()
     config = params.config()
-    base_model_dir = prepare_base_model(config)
+    base_model_dir = prepare_base_model(config, params.stage_names())
     plan = make_plan(config, params.stage_names(), params.force_names())
     for stage in plan.stages:
         logger.info("plan: %-9s %s %s", stage.name, stage.key[:12], "cached" if not stage.will_run else "will run")
@@ -257,15 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = parameters_from_args(args)
         config = params.config()
-        check_before_work(config)
+        # Downloads nothing; a real run that cannot get a hub model or dataset fails here.
+        downloads = check_before_work(config, dry_run=args.dry_run, stages=params.stage_names())
         if not args.dry_run:
-            prepare_base_model(config)  # converted once and reused; checks top_k against its depth
+            prepare_base_model(config, params.stage_names())  # converted once and reused; checked against its depth
         if args.dry_run:
-            plan = make_plan(config, params.stage_names(), params.force_names())
+            plan = make_plan(config, params.stage_names(), params.force_names(), allow_unresolved=True)
+            provisional = "  (provisional key)" if plan.provisional else ""
             for stage in plan.stages:
                 state = "cached" if not stage.will_run else ("forced" if stage.forced else "will run")
-                print(f"{stage.name:<10} {stage.key}  {state}" + (f"  ({stage.problem})" if stage.problem else ""))
-            print(json.dumps(run_summary(plan, status="dry-run")))
+                print(f"{stage.name:<10} {stage.key}  {state}" + (f"  ({stage.problem})" if stage.problem else "") + provisional)
+            note = describe_downloads(downloads, plan)
+            if note:
+                print(note, file=sys.stderr)
+            print(json.dumps({**run_summary(plan, status="dry-run"), **dry_run_details(downloads, plan)}))
             return 0
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)

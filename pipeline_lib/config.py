@@ -100,8 +100,38 @@ class DataSection(Section):
     sample_temperature: float = Field(1.0, gt=0, le=2, description="Embedded task: sampling temperature for pair generation.")
 
 
+class LoRASection(Section):
+    """LoRA adapters (the ``peft`` library); used by a stage whose ``adapter`` is ``lora``."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: the inner dimension of each adapter's update.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input during training.")
+    target_modules: Literal["all-linear"] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' (every linear layer of the decoder, not the output "
+        "head) or a list of module names (e.g. [q_proj, v_proj]); with top_k > 0 only those in the top k layers.",
+    )
+    merge: bool = Field(
+        False,
+        description="Publish the stage as full weights with the adapter merged in, instead of the adapter alone "
+        "(which needs its base model, named in its adapter_config.json).",
+    )
+
+
 class TrainSection(Section):
     """Fields shared by every training stage; names follow transformers' TrainingArguments."""
+
+    adapter: Literal["none", "lora"] = Field(
+        "none",
+        description="'none' trains the model's own weights (the top top_k layers); 'lora' trains LoRA adapters "
+        "(settings under lora) and leaves the weights frozen, in the top top_k layers when top_k > 0.",
+    )
+    lora: LoRASection = Field(default_factory=LoRASection)
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass instead of storing them: less memory "
+        "(roughly one layer's activations instead of all of them), about a third more compute per step.",
+    )
 
     num_train_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = use epochs).")
@@ -211,6 +241,15 @@ class PipelineConfig(Section):
     preset: str = Field("default", description="Preset the config started from.")
     seed: int = Field(42, ge=0, description="Seed for data splits, sampling and training.")
     output_root: Path = Field(Path(".data"), description="Where the store, caches, Prefect results and wandb runs live.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Numeric precision of every stage. fp32: weights and compute in float32. bf16: weights loaded "
+        "in bfloat16 and bf16 autocast in training (half the memory; CPU too). fp16: float32 weights, fp16 autocast "
+        "with loss scaling (CUDA only).",
+    )
+    adapter: Literal["none", "lora"] | None = Field(
+        None, description="Set every training stage's adapter at once ('none' or 'lora'); unset = each stage's own."
+    )
     stages: list[str] = Field(
         [],
         description="Stages a run includes when none are selected with --stages (empty = every stage); what they "
@@ -225,6 +264,14 @@ class PipelineConfig(Section):
     grpo: GRPOSection = Field(default_factory=GRPOSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    @model_validator(mode="after")
+    def _adapter_for_every_stage(self) -> "PipelineConfig":
+        if self.adapter is not None:
+            for section in self.train_sections().values():
+                if section.adapter != self.adapter:
+                    section.adapter = self.adapter
+        return self
 
     @model_validator(mode="after")
     def _online_tracking_needs_a_key(self) -> "PipelineConfig":
@@ -287,7 +334,11 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
 def _check_known_settings(keys: Any, origin: str) -> None:
     """Unknown top-level settings are an error, never ignored: a typo must never train.
     (Sections reject unknown fields themselves; the settings class must ignore unknown
-    top-level names because it also sees unrelated variables, e.g. secrets in ``.env``.)"""
+    top-level names because it also sees unrelated variables, e.g. secrets in ``.env``.)
+    ``preset`` is chosen with --preset, never in a file or override, where it would be
+    overwritten without a word."""
+    if "preset" in keys:
+        raise ConfigError(f"{origin}: 'preset' cannot be set here; choose the preset with --preset (the file layers over it)")
     unknown = sorted(str(key) for key in keys if key not in PipelineConfig.model_fields)
     if unknown:
         raise ConfigError(f"{origin}: unknown setting(s) {unknown}; choose from {', '.join(PipelineConfig.model_fields)}")
@@ -368,17 +419,25 @@ def load_config(
         raise ConfigError(f"invalid configuration in {where}: {error}") from None
 
 
-def check_top_k(config: PipelineConfig, num_layers: int) -> None:
-    """Reject a top_k (or reward.num_layers) larger than the base model's decoder layer count."""
-    if config.reward.num_layers > num_layers:
+def check_top_k(config: PipelineConfig, num_layers: int, stages: list[str] | None = None) -> None:
+    """Reject a top_k (or reward.num_layers) larger than the base model's decoder layer
+    count, for the training stages in ``stages`` (None: every one)."""
+    sections = {name: section for name, section in config.train_sections().items() if stages is None or name in stages}
+    if "reward" in sections and config.reward.num_layers > num_layers:
         raise ConfigError(f"reward.num_layers: {config.reward.num_layers} is above the base model's {num_layers} decoder layers")
     reward_layers = config.reward.num_layers or num_layers
-    for stage, section in config.train_sections().items():
+    for stage, section in sections.items():
         top_k = section.top_k
         # The reward model, and PPO's value model made from it, have reward.num_layers layers.
         available = reward_layers if stage in ("reward", "ppo") else num_layers
         if top_k > available:
             raise ConfigError(f"{stage}.top_k: {top_k} is above the {available} decoder layers it trains")
+
+
+def check_precision(config: PipelineConfig, cuda_available: bool) -> None:
+    """fp16 autocast needs CUDA (bf16 runs on CPU too)."""
+    if config.precision == "fp16" and not cuda_available:
+        raise ConfigError("precision: 'fp16' needs a CUDA GPU and none is available; use 'bf16' or 'fp32' on this machine")
 
 
 def env_example() -> str:

@@ -60,6 +60,7 @@ def generate_responses(
         batch = prompts[start : start + batch_size]
         ids, mask = _left_pad([chat_prompt_ids(tokenizer, prompt, system_prompt) for prompt in batch], tokenizer.pad_token_id)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+        ids, mask = ids.to(model.device), mask.to(model.device)
         output = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -87,6 +88,7 @@ def response_logprobs(
         prompt_ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in prompts[start : start + batch_size]]
         answers = [response_ids(tokenizer, r) for r in responses[start : start + batch_size]]
         ids, mask = _left_pad([p + r for p, r in zip(prompt_ids, answers)], tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         for row, response in enumerate(answers):
@@ -113,6 +115,6 @@ def reward_scores(
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = reward_model(input_ids=ids, attention_mask=mask).logits
+        logits = reward_model(input_ids=ids.to(reward_model.device), attention_mask=mask.to(reward_model.device)).logits
         scores.extend(float(value) for value in logits[:, 0])
     return scores

@@ -229,23 +229,55 @@ def _distinct_pad_token(tokenizer) -> str:
     return tokenizer.eos_token
 
 
-def load_causal_lm(path: Path, trust_remote_code: bool = False):
+def torch_dtype(precision: str) -> torch.dtype:
+    """The dtype models are loaded in for a ``precision`` setting. fp16 keeps float32
+    weights: it is autocast only, since the trainer's loss scaler cannot unscale fp16
+    gradients of fp16 parameters."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_causal_lm(path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """A causal LM from a full-weights directory, or from a LoRA adapter directory (its base
+    with the adapter merged in; see ``adapters``), on the compute device."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    return model
+    from pipeline_lib import adapters
+
+    if adapters.is_adapter(path):
+        return adapters.load_merged(Path(path), trust_remote_code, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    return model.to(compute_device())
 
 
-def load_sequence_classifier(path: Path, pad_token_id: int, trust_remote_code: bool = False, num_layers: int = 0):
-    """A scalar-head model (reward or value model) from a causal LM or reward-model directory.
+def load_sequence_classifier(
+    path: Path,
+    pad_token_id: int,
+    trust_remote_code: bool = False,
+    num_layers: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
+    """A scalar-head model (reward or value model) from a causal LM or reward-model directory
+    (full weights or a LoRA adapter).
 
     ``num_layers`` > 0 keeps only the bottom that many decoder layers (a shallower reward
     model, cheaper to train and to run inside PPO); 0 keeps them all.
     """
     from transformers import AutoModelForSequenceClassification
 
+    from pipeline_lib import adapters
+
+    if adapters.is_adapter(path):
+        if adapters.adapter_info(path)["kind"] == adapters.SEQUENCE_CLASSIFIER:
+            model = adapters.load_merged(Path(path), trust_remote_code, dtype)
+            model.config.pad_token_id = pad_token_id
+            return model
+        # A causal LM adapter (a LoRA SFT) as the start of a reward model: merge, then add the head.
+        causal = adapters.load_merged(Path(path), trust_remote_code, dtype)
+        return _sequence_classifier_from(causal, pad_token_id, num_layers, trust_remote_code, dtype)
     depth = {}
     if num_layers:
         available = num_decoder_layers(path)
@@ -253,10 +285,34 @@ def load_sequence_classifier(path: Path, pad_token_id: int, trust_remote_code: b
             raise ModelError(f"num_layers={num_layers} is above the {available} decoder layers of {path}")
         depth = {"num_hidden_layers": num_layers}
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code, **depth
+        path, num_labels=1, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **depth
     )
     model.config.pad_token_id = pad_token_id
-    return model
+    return model.to(compute_device())
+
+
+def _sequence_classifier_from(causal, pad_token_id: int, num_layers: int, trust_remote_code: bool, dtype: torch.dtype):
+    """A scalar-head model whose backbone is an in-memory causal LM's (its bottom
+    ``num_layers`` layers when > 0), as ``from_pretrained`` on its saved weights would build."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(causal.config)
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    if num_layers:
+        if num_layers > config.num_hidden_layers:
+            raise ModelError(f"num_layers={num_layers} is above the {config.num_hidden_layers} decoder layers of the SFT model")
+        config.num_hidden_layers = num_layers
+    with torch.random.fork_rng():  # a fixed head init that leaves the caller's random stream alone
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    backbone = getattr(causal, causal.base_model_prefix).state_dict()
+    missing, _ = getattr(model, model.base_model_prefix).load_state_dict(backbone, strict=False)
+    if missing:
+        raise ModelError(f"cannot build a reward model from the SFT model: missing weights {missing[:3]}")
+    return model.to(compute_device())
 
 
 def num_decoder_layers(model_dir: Path) -> int:

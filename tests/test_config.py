@@ -202,14 +202,24 @@ def test_env_example_lists_every_setting_with_its_description():
 
     repo_file = (Path(__file__).resolve().parents[1] / ".env.example").read_text()
     assert repo_file == env_example(), "regenerate: python -m pipeline_lib.config --env-example > .env.example"
-    for section_name, section_field in PipelineConfig.model_fields.items():
-        if section_name == "preset":
-            continue
-        section = section_field.annotation
-        names = section.model_fields if isinstance(section, type) and hasattr(section, "model_fields") else {section_name: None}
-        for name in names:
-            variable = f"RLHF_{section_name.upper()}__{name.upper()}" if names is not None and name != section_name else f"RLHF_{name.upper()}"
-            assert f"# {variable}=" in repo_file, variable
+
+    def variables(model: type, prefix: str) -> list[str]:
+        """Every leaf setting's variable name, nested sections (sft.lora.r) included."""
+        found = []
+        for name, field in model.model_fields.items():
+            if name == "preset":
+                continue
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                found += variables(annotation, f"{prefix}{name.upper()}__")
+            else:
+                found.append(f"{prefix}{name.upper()}")
+        return found
+
+    names = variables(PipelineConfig, "RLHF_")
+    assert "RLHF_SFT__LORA__R" in names and "RLHF_PRECISION" in names
+    for variable in names:
+        assert f"# {variable}=" in repo_file, variable
 
 
 @pytest.mark.parametrize(
@@ -261,3 +271,22 @@ def test_a_malformed_environment_value_is_a_config_error(monkeypatch: pytest.Mon
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match="in the environment"):
         load_config("tiny", env_file=None)
+
+
+def test_top_k_is_checked_only_for_the_stages_a_run_includes():
+    config = load_config("tiny", env_file=None, overrides=["grpo.top_k=3"])
+    check_top_k(config, 2, stages=["data_prep", "sft"])  # tiny's top_k 2 fits, grpo is not in the run
+    with pytest.raises(ConfigError, match=r"grpo\.top_k: 3 is above the 2 decoder layers"):
+        check_top_k(config, 2, stages=["data_prep", "sft", "reward", "grpo"])
+
+
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_preset_cannot_be_set_inside_a_config(tmp_path: Path, where: str):
+    """It would be overwritten by --preset without a word: an error naming the way to do it."""
+    path = tmp_path / "my.yaml"
+    path.write_text("preset: tiny\nseed: 3\n")
+    with pytest.raises(ConfigError, match="choose the preset with --preset"):
+        if where == "file":
+            load_config("default", config_file=path, env_file=None)
+        else:
+            load_config("default", overrides=["preset=tiny"], env_file=None)

@@ -405,7 +405,7 @@ def _prepare_from_samples(tiny_config, tmp_path: Path, monkeypatch: pytest.Monke
         return [list(SAMPLES) for _ in prompts]
 
     monkeypatch.setattr(generation, "generate_responses", fake_generate)
-    monkeypatch.setattr("pipeline_lib.models.load_causal_lm", lambda path: None)
+    monkeypatch.setattr("pipeline_lib.models.load_causal_lm", lambda *args, **kwargs: None)
     monkeypatch.setattr("pipeline_lib.models.load_tokenizer", lambda path: None)
     update = {"pair_source": "sample", "pair_margin": 0.3, "reward_pairs_per_prompt": 6, **data_updates}
     config = tiny_config.model_copy(

@@ -7,6 +7,12 @@
 The fingerprint of a source goes into every stage key: a local file's content hash, a
 hub dataset's resolved commit (or its pinned revision when the hub is unreachable), the
 embedded task's generator code. Scheduled runs recompute it, so new data retrains.
+A dry run that cannot reach the hub uses ``unresolved_fingerprint`` instead, and says
+that the keys built on it are provisional.
+
+``hub_dataset_status`` says, without downloading anything, whether a hub dataset can be
+had now: its current commit when the hub answers, or a copy in the local ``datasets``
+cache when it does not.
 """
 
 from __future__ import annotations
@@ -94,6 +100,63 @@ def hub_dataset_revision(name: str, revision: str | None) -> str:
         raise DataValidationError(
             name, f"cannot resolve the dataset's current revision ({type(error).__name__}); pin data.revision to run offline"
         ) from None
+
+
+UNRESOLVED = "unresolved"
+
+
+def unresolved_fingerprint(source: str, revision: str | None = None) -> str:
+    """The stand-in fingerprint of a hub dataset whose revision cannot be resolved now
+    (dry runs only): it says so, and keys built on it are provisional."""
+    return f"{UNRESOLVED}:hub:{source}@{revision or 'latest'}"
+
+
+def hub_offline() -> bool:
+    """Whether the hub libraries are in offline mode (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
+    import datasets.config
+    from huggingface_hub import is_offline_mode
+
+    return bool(is_offline_mode() or datasets.config.HF_HUB_OFFLINE)
+
+
+OFFLINE_REASON = "offline (HF_HUB_OFFLINE is set)"
+
+
+def hub_dataset_status(name: str, revision: str | None) -> tuple[str | None, bool, str | None, bool]:
+    """(commit the hub resolves it to now, whether a copy is in the local cache, why it
+    cannot be had now, whether that reason is final) for a hub dataset; downloads nothing.
+
+    Final reasons (no such dataset or revision, gated) fail any run, dry or not; an
+    unreachable hub fails only a real run, and only when no cached copy exists."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if hub_offline():
+        reason = OFFLINE_REASON
+    else:
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().dataset_info(name, revision=revision).sha, False, None, False
+        except GatedRepoError:
+            return None, False, "gated: accept its terms on the hub and set HF_TOKEN", True
+        except RevisionNotFoundError:
+            return None, False, f"the hub has no revision {revision!r} of it (data.revision)", True
+        except RepositoryNotFoundError:
+            return None, False, "no such dataset on the hub (or it is private: set HF_TOKEN)", True
+        except Exception as error:  # connection refused, DNS, timeouts, proxies: many types
+            reason = f"hub not reachable ({type(error).__name__})"
+    return None, _dataset_in_local_cache(name, revision), reason, False
+
+
+def _dataset_in_local_cache(name: str, revision: str | None) -> bool:
+    """Whether ``datasets`` would load the dataset offline from its cache (no download)."""
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(name, revision=revision)
+        return True
+    except Exception:  # not cached: datasets raises ConnectionError, FileNotFoundError, ...
+        return False
 
 
 def split_rows(rows: list[dict[str, Any]], holdout_percent: float, seed: int) -> tuple[list, list]:

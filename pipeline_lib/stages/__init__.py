@@ -50,4 +50,4 @@ class Stage:
     def config_section(self, config: "PipelineConfig") -> dict[str, Any]:
         """The part of the config this stage's key depends on."""
         parts = {name: getattr(config, name).model_dump(mode="json") for name in self.config_sections}
-        return {"seed": config.seed, **parts}
+        return {"seed": config.seed, "precision": config.precision, **parts}

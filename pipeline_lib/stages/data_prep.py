@@ -36,11 +36,11 @@ def _sample_pairs(
     Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes;
     policy pairs over the samples alone."""
     from pipeline_lib.generation import generate_responses
-    from pipeline_lib.models import load_causal_lm, load_tokenizer
+    from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
 
     data = config.data
     tokenizer = load_tokenizer(base_model_dir)
-    model = load_causal_lm(base_model_dir)
+    model = load_causal_lm(base_model_dir, config.model.trust_remote_code, torch_dtype(config.precision))
     samples = generate_responses(
         model,
         tokenizer,

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_messages
-from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
+from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
 from pipeline_lib.data.files import read_split
 from pipeline_lib.stages import Stage, training
 
@@ -45,11 +45,13 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     training.seed_everything(config.seed)
     # --- data
     train_dataset = conversational_pairs(read_split(data_dir, "pairs_train"), config.model.system_prompt)
-    # --- models: the policy trains, the reference is a second frozen copy of SFT
+    # --- models: the policy trains; the reference is a second frozen copy of SFT, or with
+    # LoRA the policy with its adapter disabled (TRL's PEFT path: no second copy)
     tokenizer = load_tokenizer(sft_model_dir)
-    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
-    reference = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
-    parameter_counts = freeze_all_but_top_k(policy, section.top_k)
+    dtype = torch_dtype(config.precision)
+    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
+    reference = None if section.adapter == "lora" else load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
+    policy, parameter_counts = training.prepare_model(policy, "dpo", section)
     # --- train
     args = DPOConfig(
         **training.trainer_args("dpo", config, section, out_dir),
@@ -74,7 +76,10 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # --- save
     history = training.write_loss_log(trainer, out_dir)
     last = next((entry for entry in reversed(history) if "rewards/margins" in entry), {})
-    training.save_model(trainer.model, tokenizer, out_dir, "dpo", {"sft_model": str(sft_model_dir), "data": str(data_dir)})
+    training.save_model(
+        trainer.model, tokenizer, out_dir, "dpo", {"sft_model": str(sft_model_dir), "data": str(data_dir)},
+        start_dir=sft_model_dir, section=section,
+    )
     return {
         **parameter_counts,
         "train_loss": train_metrics.get("train_loss"),

@@ -30,7 +30,7 @@ from pipeline_lib.data.files import EMBEDDED_SENTIMENT, data_card, read_prompts,
 from pipeline_lib.errors import StageFailed
 from pipeline_lib.generation import generate_responses, response_logprobs, reward_scores
 from pipeline_lib.metrics import distinct_n, mean_words, sequence_kl, win_rate
-from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.stages import BASE_MODEL, Stage
 from pipeline_lib.stages.reward import pairwise_accuracy as reward_pairwise_accuracy
 
@@ -62,13 +62,14 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     with_oracle = _has_oracle(data_dir)
     system_prompt = config.model.system_prompt
     tokenizer = load_tokenizer(policies["sft"])
-    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
-    sft_model = load_causal_lm(policies["sft"])
+    dtype = torch_dtype(config.precision)
+    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id, dtype=dtype)
+    sft_model = load_causal_lm(policies["sft"], dtype=dtype)
 
     # --- generate and score every policy
     per_policy: dict[str, dict[str, list]] = {}
     for name in policies:
-        model = sft_model if name == "sft" else load_causal_lm(policies[name])
+        model = sft_model if name == "sft" else load_causal_lm(policies[name], dtype=dtype)
         responses = [
             texts[0]
             for texts in generate_responses(

@@ -28,7 +28,7 @@ from typing import Any
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data.files import read_prompts
 from pipeline_lib.generation import chat_messages, reward_scores
-from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer
+from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.stages import Stage, training
 
 
@@ -59,10 +59,12 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     train_dataset = Dataset.from_list([{"prompt": chat_messages(p, system_prompt), "prompt_text": p} for p in prompts])
     # --- models
     tokenizer = load_tokenizer(sft_model_dir)
-    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
-    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
+    dtype = torch_dtype(config.precision)
+    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
+    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id, dtype=dtype)
     reward_model.requires_grad_(False)
-    parameter_counts = freeze_all_but_top_k(policy, section.top_k)
+    # With LoRA, TRL takes the reference as the policy with its adapter disabled.
+    policy, parameter_counts = training.prepare_model(policy, "grpo", section)
     # --- train
     args = GRPOConfig(
         **training.trainer_args("grpo", config, section, out_dir),
@@ -92,6 +94,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     training.save_model(
         trainer.model, tokenizer, out_dir, "grpo",
         {"sft_model": str(sft_model_dir), "reward_model": str(reward_model_dir), "data": str(data_dir)},
+        start_dir=sft_model_dir, section=section,
     )
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {

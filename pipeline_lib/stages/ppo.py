@@ -29,7 +29,7 @@ import torch
 
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_prompt_ids
-from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer
+from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.data.files import read_prompts
 from pipeline_lib.stages import Stage, training
 
@@ -93,13 +93,16 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     prompts = read_prompts(data_dir, "prompts_train")
     train_dataset = Dataset.from_list([{"input_ids": chat_prompt_ids(tokenizer, p, config.model.system_prompt)} for p in prompts])
     # --- models
-    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
-    reference = load_causal_lm(sft_model_dir, config.model.trust_remote_code)
-    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
-    value_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id)
+    # With LoRA the policy is SFT plus an adapter and the reference is the policy with its
+    # adapter disabled (TRL's PEFT path); the value model trains its top layers in full.
+    dtype = torch_dtype(config.precision)
+    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
+    reference = None if section.adapter == "lora" else load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
+    reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id, dtype=dtype)
+    value_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id, dtype=dtype)
     for parameter in reward_model.parameters():
         parameter.requires_grad = False
-    parameter_counts = freeze_all_but_top_k(policy, section.top_k)
+    policy, parameter_counts = training.prepare_model(policy, "ppo", section)
     freeze_all_but_top_k(value_model, section.top_k)
     # --- train
     args = PPOConfig(
@@ -131,6 +134,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     training.save_model(
         trainer.model.policy, tokenizer, out_dir, "ppo",
         {"sft_model": str(sft_model_dir), "reward_model": str(reward_model_dir), "data": str(data_dir)},
+        start_dir=sft_model_dir, section=section,
     )
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {

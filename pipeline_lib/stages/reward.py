@@ -25,7 +25,7 @@ from typing import Any
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import reward_scores
 from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores
-from pipeline_lib.models import freeze_all_but_top_k, load_sequence_classifier, load_tokenizer
+from pipeline_lib.models import load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.data.files import read_split
 from pipeline_lib.stages import Stage, training
 
@@ -54,9 +54,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # --- model
     tokenizer = load_tokenizer(sft_model_dir)
     model = load_sequence_classifier(
-        sft_model_dir, tokenizer.pad_token_id, config.model.trust_remote_code, section.num_layers
+        sft_model_dir, tokenizer.pad_token_id, config.model.trust_remote_code, section.num_layers, torch_dtype(config.precision)
     )
-    parameter_counts = freeze_all_but_top_k(model, section.top_k)
+    model, parameter_counts = training.prepare_model(model, "reward", section)
     system_prompt = config.model.system_prompt
     accuracy_before = pairwise_accuracy(model, tokenizer, eval_rows, system_prompt)
     # --- train
@@ -73,7 +73,10 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # --- evaluate and save
     accuracy = pairwise_accuracy(trainer.model, tokenizer, eval_rows, system_prompt)
     history = training.write_loss_log(trainer, out_dir)
-    training.save_model(trainer.model, tokenizer, out_dir, "reward", {"sft_model": str(sft_model_dir), "data": str(data_dir)})
+    training.save_model(
+        trainer.model, tokenizer, out_dir, "reward", {"sft_model": str(sft_model_dir), "data": str(data_dir)},
+        start_dir=sft_model_dir, section=section,
+    )
     return {
         **parameter_counts,
         "train_loss": train_metrics.get("train_loss"),

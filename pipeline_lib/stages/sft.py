@@ -3,7 +3,8 @@
 Inputs: the base model directory and data prep's ``sft_train.jsonl``/``sft_eval.jsonl``
 (prompt, completion). Rows become conversational prompt/completion pairs, so the
 model's chat template applies and the loss covers the completion only (TRL's
-``completion_only_loss``). Only the top ``sft.top_k`` decoder layers train.
+``completion_only_loss``). Only the top ``sft.top_k`` decoder layers train (or LoRA
+adapters on them: ``sft.adapter: lora``).
 Output: a HF-format causal LM (safetensors) with tokenizer and model card.
 
 Run alone: ``run(config, {"base_model": BASE_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
@@ -17,7 +18,7 @@ from typing import Any
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data.files import read_split
 from pipeline_lib.generation import chat_messages
-from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_tokenizer
+from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
 from pipeline_lib.stages import BASE_MODEL, Stage, training
 
 
@@ -48,8 +49,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     eval_dataset = conversational(read_split(data_dir, "sft_eval"), system_prompt)
     # --- model
     tokenizer = load_tokenizer(base_model_dir)
-    model = load_causal_lm(base_model_dir, config.model.trust_remote_code)
-    parameter_counts = freeze_all_but_top_k(model, section.top_k)
+    model = load_causal_lm(base_model_dir, config.model.trust_remote_code, torch_dtype(config.precision))
+    model, parameter_counts = training.prepare_model(model, "sft", section)
     # --- train
     args = SFTConfig(
         **training.trainer_args("sft", config, section, out_dir),
@@ -61,7 +62,10 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     eval_metrics = trainer.evaluate(eval_dataset)
     # --- save
     history = training.write_loss_log(trainer, out_dir)
-    training.save_model(trainer.model, tokenizer, out_dir, "sft", {"base_model": str(base_model_dir), "data": str(data_dir)})
+    training.save_model(
+        trainer.model, tokenizer, out_dir, "sft", {"base_model": str(base_model_dir), "data": str(data_dir)},
+        start_dir=base_model_dir, section=section,
+    )
     return {
         **parameter_counts,
         "train_loss": train_metrics.get("train_loss"),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import transformers
 
-from pipeline_lib import tracking
+from pipeline_lib import adapters, tracking
 from pipeline_lib.cores import ShareCores
 from pipeline_lib.config import PipelineConfig, TrainSection
 from pipeline_lib.errors import StageFailed
@@ -54,7 +54,9 @@ def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_
         "report_to": tracking.configure(config),
         "run_name": tracking.run_name(stage, config),
         "use_cpu": not torch.cuda.is_available(),
-        "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "bf16": config.precision == "bf16",
+        "fp16": config.precision == "fp16",
+        "gradient_checkpointing": section.gradient_checkpointing,
         "disable_tqdm": False,
         "dataloader_num_workers": 0,
     }
@@ -126,11 +128,48 @@ def loss_history(trainer) -> list[dict[str, float]]:
     ]
 
 
-def save_model(model, tokenizer, out_dir: Path, stage: str, lineage: dict[str, Any]) -> None:
+def prepare_model(model, stage: str, section: TrainSection) -> tuple[Any, dict[str, int]]:
+    """The model a stage trains: LoRA adapters on it (``adapter: lora``) or its top
+    ``top_k`` layers unfrozen; plus its trainable and total parameter counts."""
+    from pipeline_lib.models import freeze_all_but_top_k
+
+    if section.adapter == "lora":
+        model = adapters.attach(model, stage, section)
+    else:
+        freeze_all_but_top_k(model, section.top_k)
+    if section.gradient_checkpointing:
+        # Frozen embeddings give checkpointed blocks inputs without grad; make them require it.
+        model.enable_input_require_grads()
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return model, {"trainable_parameters": trainable, "total_parameters": total}
+
+
+def save_model(
+    model,
+    tokenizer,
+    out_dir: Path,
+    stage: str,
+    lineage: dict[str, Any],
+    start_dir: Path | None = None,
+    section: TrainSection | None = None,
+) -> None:
+    """Publish a trained model: full weights, or (a LoRA stage) its adapter or merged
+    weights (``adapters.publish``); the tokenizer; a model card with lineage and form."""
+    from peft import PeftModel
+
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    if isinstance(model, PeftModel):
+        if start_dir is None or section is None:
+            raise ValueError("saving a LoRA model needs the directory it started from and its section")
+        form = adapters.publish(model, out_dir, start_dir, section.lora.merge)
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        form = {"format": "full weights"}
     tokenizer.save_pretrained(out_dir)
-    lines = [f"# {stage} model", "", "Produced by the rlhf-pipeline. Lineage:", ""]
+    lines = [f"# {stage} model", "", "Produced by the rlhf-pipeline.", ""]
+    lines += [f"- **{name}**: `{value}`" for name, value in form.items()]
+    lines += ["", "Lineage:", ""]
     lines += [f"- **{name}**: `{value}`" for name, value in lineage.items()]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
 
