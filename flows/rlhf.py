@@ -22,12 +22,35 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
+import tomllib
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+
+def _prefect_toml_as_defaults(path: Path = Path(__file__).resolve().parents[1] / "prefect.toml") -> None:
+    """Prefect reads ``prefect.toml`` from the working directory only; a run started
+    elsewhere would lose the repository's settings (no telemetry, the server's start-up
+    time, pipeline logs in the UI). Apply them as environment defaults (PREFECT_SECTION_KEY),
+    before Prefect is imported; a variable the user set wins."""
+
+    def flatten(table: dict, prefix: str) -> None:
+        for key, value in table.items():
+            name = f"{prefix}_{key}".upper()
+            if isinstance(value, dict):
+                flatten(value, name)
+            else:
+                os.environ.setdefault(name, str(value).lower() if isinstance(value, bool) else str(value))
+
+    if path.is_file():
+        flatten(tomllib.loads(path.read_text()), "PREFECT")
+
+
+_prefect_toml_as_defaults()
+
+from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner

@@ -133,6 +133,24 @@ def attach(model: nn.Module, stage: str, section: "TrainSection") -> nn.Module:
     return get_peft_model(model, config)
 
 
+def attach_in_place(model: nn.Module, stage: str, section: "TrainSection") -> dict[str, int]:
+    """LoRA layers injected into ``model`` itself (no ``PeftModel`` wrapper), for a model
+    that trains but is never published and that a trainer reaches into by attribute (PPO's
+    value model: TRL calls its backbone and ``score`` directly). Everything else is frozen
+    but the scalar head; returns trainable and total parameter counts."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = section.lora
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_module_names(model, stage, section)
+    )
+    inject_adapter_in_model(config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = "lora_" in name or name.split(".")[0] in SCALAR_HEADS
+    total = sum(parameter.numel() for parameter in model.parameters())
+    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), "total_parameters": total}
+
+
 def check_targets(config: "PipelineConfig", base_model_dir: Path, stages: list[str] | None = None) -> None:
     """The target modules of every LoRA stage in ``stages`` (None: all), resolved on the
     base model's architecture built on the meta device (no weights read), so a bad name

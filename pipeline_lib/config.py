@@ -106,6 +106,13 @@ class LoRASection(Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank: the inner dimension of each adapter's update.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha: updates are scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapters' input during training.")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Peak learning rate with LoRA (unset = the stage's learning_rate). Adapters start at zero "
+        "and usually want a rate several times the full-weight one; a preset can tune both.",
+    )
     target_modules: Literal["all-linear"] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
         "all-linear",
         description="Modules that get adapters: 'all-linear' (every linear layer of the decoder, not the output "

@@ -254,3 +254,11 @@ def test_adapter_for_all_sets_every_training_stage_and_keys_follow_the_rank(tmp_
     assert {name for name in keys if keys[name] != new_keys[name]} == {"dpo", "evaluate"}
     full = {stage.name: stage.key for stage in make_plan(load_config("tiny", overrides=[f"output_root={tmp_path}"], env_file=None)).stages}
     assert {name for name in keys if keys[name] != full[name]} == set(registry.stage_names()) - {"data_prep"}
+
+
+def test_lora_has_its_own_learning_rate_when_set() -> None:
+    config = load_config("tiny", overrides=["dpo.learning_rate=1e-4", "dpo.lora.learning_rate=2e-3"], env_file=None)
+    assert training.learning_rate(config.dpo) == 1e-4  # adapter none: the stage's rate
+    config = load_config("tiny", overrides=["adapter=lora", "dpo.learning_rate=1e-4", "dpo.lora.learning_rate=2e-3"], env_file=None)
+    assert training.learning_rate(config.dpo) == 2e-3
+    assert training.learning_rate(config.sft) == config.sft.learning_rate  # no LoRA rate set: the stage's

@@ -8,7 +8,9 @@ SFT.
 
 Departures: TRL removed PPO in 1.13; we pin 1.12.x. Upstream says PPO checkpoint resume
 does not work, so an interrupted PPO stage restarts from SFT (its checkpoints are not
-read back). Only the top ``ppo.top_k`` decoder layers of policy and value model train.
+read back). Only the top ``ppo.top_k`` decoder layers of policy and value model train
+(with ``ppo.adapter: lora``, LoRA layers in them; the reference is then the policy with its
+adapter disabled).
 TRL treats every pad id as padding, so the tokenizer's pad must differ from EOS
 (``models.load_tokenizer`` sees to it) or the end-of-turn tokens inside each chat prompt
 would be masked and the reward read one token off. TRL reads the reward at a rollout's
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from pipeline_lib import adapters
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_prompt_ids
 from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
@@ -94,7 +97,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     train_dataset = Dataset.from_list([{"input_ids": chat_prompt_ids(tokenizer, p, config.model.system_prompt)} for p in prompts])
     # --- models
     # With LoRA the policy is SFT plus an adapter and the reference is the policy with its
-    # adapter disabled (TRL's PEFT path); the value model trains its top layers in full.
+    # adapter disabled (TRL's PEFT path); the value model trains LoRA layers and its head
+    # (one optimizer and rate for both models), else its top layers in full.
     dtype = torch_dtype(config.precision)
     policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
     reference = None if section.adapter == "lora" else load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
@@ -103,7 +107,10 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     for parameter in reward_model.parameters():
         parameter.requires_grad = False
     policy, parameter_counts = training.prepare_model(policy, "ppo", section)
-    freeze_all_but_top_k(value_model, section.top_k)
+    if section.adapter == "lora":
+        adapters.attach_in_place(value_model, "ppo", section)
+    else:
+        freeze_all_but_top_k(value_model, section.top_k)
     # --- train
     args = PPOConfig(
         **training.trainer_args("ppo", config, section, out_dir),

@@ -34,13 +34,20 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(False)
 
 
+def learning_rate(section: TrainSection) -> float:
+    """The stage's peak rate: ``lora.learning_rate`` when it trains LoRA adapters and sets one."""
+    if section.adapter == "lora" and section.lora.learning_rate is not None:
+        return section.lora.learning_rate
+    return section.learning_rate
+
+
 def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_dir: Path) -> dict[str, Any]:
     """Keyword arguments shared by TRL's SFTConfig, RewardConfig, DPOConfig and PPOConfig."""
     return {
         "output_dir": str(Path(out_dir) / CHECKPOINT_DIR),
         "num_train_epochs": section.num_train_epochs,
         "max_steps": section.max_steps,
-        "learning_rate": section.learning_rate,
+        "learning_rate": learning_rate(section),
         "per_device_train_batch_size": section.per_device_train_batch_size,
         "gradient_accumulation_steps": section.gradient_accumulation_steps,
         "warmup_steps": section.warmup_steps,
