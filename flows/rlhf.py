@@ -56,7 +56,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from pipeline_lib.config import PipelineConfig, available_presets, check_precision, load_config
+from pipeline_lib.config import PipelineConfig, available_presets, load_config
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.errors import PipelineError, StageFailed
 from pipeline_lib.launch import stages_stop_on_sigterm
@@ -65,6 +65,7 @@ from pipeline_lib.plan import (
     Plan,
     check_against_model,
     check_before_work,
+    check_precision_here,
     closure,
     describe_downloads,
     dry_run_details,
@@ -107,9 +108,7 @@ class RunParameters(BaseModel):
 def prepare_base_model(config: PipelineConfig, stages: list[str] | None = None) -> Path:
     """Materialise the base model (converted once, then reused) and check against it what
     depends on it, for the stages the run includes: top_k depths, LoRA target modules."""
-    import torch
-
-    check_precision(config, torch.cuda.is_available())
+    check_precision_here(config)
     base_model_dir = materialize_base_model(config.model, Path(config.output_root) / "models", sentiment_task.corpus())
     check_against_model(config, base_model_dir, closure(parse_stage_list(stages, config.stages, "stages")))
     return base_model_dir

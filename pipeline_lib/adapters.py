@@ -20,9 +20,10 @@ trains a new adapter on the start with the start's adapter merged in memory; it 
 the two adapters concatenated (rank r1 + r2), relative to the start's own base: exactly
 the same function, still one adapter on one base on disk.
 
-Downstream stages read an adapter by loading its base and merging it (``load_merged``);
-DPO, PPO and GRPO with LoRA take their reference model as the policy with its adapter
-disabled (TRL's own PEFT path), so no second copy of the model is held.
+Downstream stages read an adapter by loading its base and merging it (``load_merged``).
+DPO, PPO and GRPO with LoRA hold no second copy of the model as their reference (TRL's own
+PEFT path): PPO disables the policy's adapter; DPO and GRPO add a frozen copy of the
+fresh, all-zero adapter ("ref"), the same function, and switch to it.
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ def target_module_names(model: nn.Module, stage: str, section: "TrainSection") -
                 "adapt modules outside the decoder layers"
             )
         linear = inside
+    output_head = next((name for name, module in model.named_modules() if module is model.get_output_embeddings()), None)
+    if output_head in linear and getattr(model.config, "tie_word_embeddings", False):
+        # Merging a LoRA on a tied head would change the input embeddings as well.
+        raise ConfigError(
+            f"{stage}.lora.target_modules: {output_head} shares its weights with the input embeddings in this "
+            "model (tie_word_embeddings); leave it out"
+        )
     return linear
 
 
@@ -136,8 +144,9 @@ def attach(model: nn.Module, stage: str, section: "TrainSection") -> nn.Module:
 def attach_in_place(model: nn.Module, stage: str, section: "TrainSection") -> dict[str, int]:
     """LoRA layers injected into ``model`` itself (no ``PeftModel`` wrapper), for a model
     that trains but is never published and that a trainer reaches into by attribute (PPO's
-    value model: TRL calls its backbone and ``score`` directly). Everything else is frozen
-    but the scalar head; returns trainable and total parameter counts."""
+    value model: TRL calls its backbone and ``score`` directly, outside autocast, so the
+    layers keep the model's dtype). Everything else is frozen but the scalar head; returns
+    trainable and total parameter counts."""
     from peft import LoraConfig, inject_adapter_in_model
 
     lora = section.lora
@@ -181,13 +190,14 @@ def load_merged(path: Path, trust_remote_code: bool = False, dtype: torch.dtype 
 
     info = adapter_info(path)
     kwargs = dict(info.get("base_kwargs") or {})
+    # Merged in float32, then cast: a bf16 merge would round the adapter's update away.
     if info["kind"] == SEQUENCE_CLASSIFIER:
         base = models.load_sequence_classifier(
-            Path(info["base_model"]), kwargs.get("pad_token_id"), trust_remote_code, kwargs.get("num_hidden_layers", 0), dtype
+            Path(info["base_model"]), kwargs.get("pad_token_id"), trust_remote_code, kwargs.get("num_hidden_layers", 0)
         )
     else:
-        base = models.load_causal_lm(Path(info["base_model"]), trust_remote_code, dtype)
-    return PeftModel.from_pretrained(base, path).merge_and_unload()
+        base = models.load_causal_lm(Path(info["base_model"]), trust_remote_code)
+    return PeftModel.from_pretrained(base, path).merge_and_unload().to(dtype)
 
 
 def publish(model, out_dir: Path, start_dir: Path, merge: bool) -> dict[str, Any]:
@@ -198,7 +208,8 @@ def publish(model, out_dir: Path, start_dir: Path, merge: bool) -> dict[str, Any
         model.merge_and_unload().save_pretrained(out_dir, safe_serialization=True)
         return {"format": "full weights (LoRA adapter merged in)"}
     scalar_head = model.peft_config["default"].task_type == "SEQ_CLS"
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # Only the trained adapter: TRL's DPO and GRPO add a frozen copy ("ref") of it as the reference.
+    model.save_pretrained(out_dir, safe_serialization=True, selected_adapters=["default"])
     base_kwargs: dict[str, Any] = {}
     if scalar_head:
         base_config = model.get_base_model().config

@@ -441,10 +441,12 @@ def check_top_k(config: PipelineConfig, num_layers: int, stages: list[str] | Non
             raise ConfigError(f"{stage}.top_k: {top_k} is above the {available} decoder layers it trains")
 
 
-def check_precision(config: PipelineConfig, cuda_available: bool) -> None:
-    """fp16 autocast needs CUDA (bf16 runs on CPU too)."""
+def check_precision(config: PipelineConfig, cuda_available: bool, cuda_bf16: bool = True) -> None:
+    """fp16 autocast needs CUDA; bf16 runs on CPU too, but on CUDA only where the GPU has it."""
     if config.precision == "fp16" and not cuda_available:
         raise ConfigError("precision: 'fp16' needs a CUDA GPU and none is available; use 'bf16' or 'fp32' on this machine")
+    if config.precision == "bf16" and cuda_available and not cuda_bf16:
+        raise ConfigError("precision: 'bf16' is not supported by this GPU (before Ampere); use 'fp16' or 'fp32'")
 
 
 def env_example() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 
@@ -28,6 +30,15 @@ def scored_sequence_ids(tokenizer, prompt: str, response: str, system_prompt: st
     model scores them. Reward training, reward scoring and log-probabilities all use this
     one layout, so the reward is read at the same position (the EOS) everywhere."""
     return chat_prompt_ids(tokenizer, prompt, system_prompt) + response_ids(tokenizer, response)
+
+
+def _autocast_for(model):
+    """bf16 autocast for a model whose bf16 weights sit beside float32 ones (the layers or
+    adapters that train stay float32 under ``precision: bf16``); no-op otherwise."""
+    dtypes = {parameter.dtype for parameter in model.parameters()}
+    if torch.bfloat16 in dtypes and len(dtypes) > 1:
+        return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,15 +72,16 @@ def generate_responses(
         ids, mask = _left_pad([chat_prompt_ids(tokenizer, prompt, system_prompt) for prompt in batch], tokenizer.pad_token_id)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         ids, mask = ids.to(model.device), mask.to(model.device)
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
+        with _autocast_for(model):
+            output = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_return_sequences,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
         texts = tokenizer.batch_decode(output[:, ids.shape[1] :], skip_special_tokens=True)
         for index in range(len(batch)):
             chunk = texts[index * num_return_sequences : (index + 1) * num_return_sequences]
@@ -89,7 +101,8 @@ def response_logprobs(
         answers = [response_ids(tokenizer, r) for r in responses[start : start + batch_size]]
         ids, mask = _left_pad([p + r for p, r in zip(prompt_ids, answers)], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        with _autocast_for(model):
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         for row, response in enumerate(answers):
             totals.append(float(logprobs[row, -len(response) :].sum()))
@@ -115,6 +128,7 @@ def reward_scores(
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = reward_model(input_ids=ids.to(reward_model.device), attention_mask=mask.to(reward_model.device)).logits
-        scores.extend(float(value) for value in logits[:, 0])
+        with _autocast_for(reward_model):
+            logits = reward_model(input_ids=ids.to(reward_model.device), attention_mask=mask.to(reward_model.device)).logits
+        scores.extend(float(value) for value in logits[:, 0].float())
     return scores

@@ -236,6 +236,14 @@ def torch_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+def upcast_trainable(model: nn.Module) -> None:
+    """Parameters that train are kept in float32 while frozen ones stay in bf16: AdamW's
+    small updates vanish when rounded to bf16 (1.0 - 1e-4 is 1.0 in bf16)."""
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
+
+
 def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

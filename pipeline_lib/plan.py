@@ -336,7 +336,7 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
         raise ConfigError(f"output_root: {root} exists and is not a directory")
     parse_stage_list(config.stages, what="stages")
     included = closure(parse_stage_list(stages, config.stages, "stages"))
-    check_precision(config, _cuda_available())
+    check_precision_here(config)
     data = config.data
     if sources.is_embedded(data.source):
         sources.check_embedded_task(data.source)
@@ -357,10 +357,12 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
     return downloads
 
 
-def _cuda_available() -> bool:
+def check_precision_here(config: PipelineConfig) -> None:
+    """``precision`` against this machine's GPU (or its absence)."""
     import torch
 
-    return torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
+    check_precision(config, cuda, cuda and torch.cuda.is_bf16_supported())
 
 
 def store_for(config: PipelineConfig) -> Store:

@@ -27,7 +27,7 @@ from typing import Any
 from pipeline_lib.errors import StoreError
 
 MANIFEST = "manifest.json"
-TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets")
+TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate")
 # Directories inside a partial output that are scratch, never published.
 SCRATCH_DIRS = ("checkpoints", "failed")
 # A replaced output is kept this long after it was moved aside, for readers still using it.
@@ -129,6 +129,15 @@ class Store:
                 return f"{file_path} is missing"
             if sha256_file(file_path) != expected:
                 return f"{file_path} does not match its checksum"
+        # A LoRA adapter is only usable beside the full-weights directory it was trained on.
+        adapter_config = directory / "adapter_config.json"
+        if adapter_config.is_file():
+            try:
+                base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+            except ValueError:
+                return f"{adapter_config} is not valid JSON"
+            if not base or not (Path(base) / "config.json").is_file():
+                return f"{directory} is a LoRA adapter whose base model {base} is gone"
         return None
 
     def load(self, stage: str, key: str) -> StageOutput:

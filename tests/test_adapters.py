@@ -185,8 +185,23 @@ def test_bf16_and_gradient_checkpointing_train(tiny_base_model: Path, tmp_path: 
     assert checkpointed.metrics["sft"]["train_loss"] == pytest.approx(plain.metrics["sft"]["train_loss"], rel=1e-5)
     bf16 = run_stages(tiny_base_model, tmp_path / "bf16", ["precision=bf16"], ["data_prep", "sft"], monkeypatch)
     assert bf16.metrics["sft"]["train_loss"] == pytest.approx(plain.metrics["sft"]["train_loss"], rel=0.05)
-    with safe_open(bf16.outputs["sft"] / "model.safetensors", "pt") as weights:
-        assert weights.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    with safe_open(bf16.outputs["sft"] / "model.safetensors", "pt") as weights, safe_open(tiny_base_model / "model.safetensors", "pt") as base:
+        trained = weights.get_tensor("model.norm.weight")
+        assert trained.dtype == torch.bfloat16  # published in the precision it ran in
+        # What trains is kept in float32 during training, so small updates are not rounded away.
+        assert not torch.equal(trained, base.get_tensor("model.norm.weight").to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_every_stage_in_bf16_with_gradient_checkpointing(
+    tiny_base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, adapter: str
+) -> None:
+    """PPO builds its own Accelerator and replaces Trainer.train: both settings reach it anyway."""
+    overrides = ["precision=bf16", f"adapter={adapter}", *(f"{stage}.gradient_checkpointing=true" for stage in ("dpo", "ppo", "grpo"))]
+    run = run_stages(tiny_base_model, tmp_path, overrides, registry.stage_names(), monkeypatch)
+    assert run.metrics["ppo"]["final_kl"] is not None and run.metrics["grpo"]["final_kl"] is not None
+    assert set(json.loads((run.outputs["evaluate"] / "eval.json").read_text())["policies"]) == {"base", "sft", "dpo", "ppo", "grpo"}
+    assert load_causal_lm(run.outputs["ppo"]).dtype == torch.float32  # loads as asked, whatever was saved
 
 
 # --- bad settings fail before any training, naming the field
@@ -221,8 +236,11 @@ def test_target_modules_are_checked_against_the_model(tiny_base_model: Path, ove
         adapters.check_targets(config, tiny_base_model)
 
 
-def test_lm_head_is_a_valid_target_with_the_whole_model(tiny_base_model: Path) -> None:
-    adapters.check_targets(load_config("tiny", overrides=["sft.adapter=lora", "sft.top_k=0", "sft.lora.target_modules=[lm_head]"], env_file=None), tiny_base_model)
+def test_a_tied_output_head_is_no_lora_target(tiny_base_model: Path) -> None:
+    """The tiny model ties lm_head to the input embeddings: merging a LoRA on it would change both."""
+    config = load_config("tiny", overrides=["sft.adapter=lora", "sft.top_k=0", "sft.lora.target_modules=[lm_head]"], env_file=None)
+    with pytest.raises(ConfigError, match=r"sft\.lora\.target_modules: lm_head shares its weights"):
+        adapters.check_targets(config, tiny_base_model)
 
 
 def test_fp16_needs_cuda() -> None:

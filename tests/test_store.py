@@ -165,3 +165,17 @@ def test_replaced_outputs_are_removed_once_nobody_can_be_reading_them(tmp_path: 
     make_partial(store, key=key)
     store.publish("sft", key, {})
     assert not old.exists() and recent.exists()
+
+
+def test_an_adapter_whose_base_model_is_gone_is_not_usable(tmp_path: Path) -> None:
+    """A LoRA stage publishes an adapter that names the full-weights directory it needs."""
+    store = Store(tmp_path / "store")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    partial = store.begin("dpo", "a" * 64)
+    (partial / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    store.publish("dpo", "a" * 64, {"metrics": {}})
+    assert store.validate("dpo", "a" * 64) is None
+    (base / "config.json").unlink()
+    assert "LoRA adapter whose base model" in store.validate("dpo", "a" * 64)

@@ -32,7 +32,13 @@ import torch
 from pipeline_lib import adapters
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_prompt_ids
-from pipeline_lib.models import freeze_all_but_top_k, load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
+from pipeline_lib.models import (
+    freeze_all_but_top_k,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    torch_dtype,
+)
 from pipeline_lib.data.files import read_prompts
 from pipeline_lib.stages import Stage, training
 
@@ -106,11 +112,21 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     value_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id, dtype=dtype)
     for parameter in reward_model.parameters():
         parameter.requires_grad = False
-    policy, parameter_counts = training.prepare_model(policy, "ppo", section)
+    # TRL's PPO generates rollouts outside autocast, so with bf16 weights the layers it
+    # trains in full stay bf16 too (pure bf16, as TRL's own examples); LoRA layers are
+    # float32 either way (peft casts around them).
+    policy, parameter_counts = training.prepare_model(policy, "ppo", section, upcast=False)
     if section.adapter == "lora":
         adapters.attach_in_place(value_model, "ppo", section)
     else:
         freeze_all_but_top_k(value_model, section.top_k)
+    if section.gradient_checkpointing:
+        # TRL's PPOTrainer replaces Trainer.train, where transformers would turn it on.
+        for model in (policy, value_model):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.precision != "fp32":
+        # PPOTrainer builds its own Accelerator, which takes mixed precision from here only.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = config.precision
     # --- train
     args = PPOConfig(
         **training.trainer_args("ppo", config, section, out_dir),

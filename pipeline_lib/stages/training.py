@@ -135,15 +135,19 @@ def loss_history(trainer) -> list[dict[str, float]]:
     ]
 
 
-def prepare_model(model, stage: str, section: TrainSection) -> tuple[Any, dict[str, int]]:
+def prepare_model(model, stage: str, section: TrainSection, upcast: bool = True) -> tuple[Any, dict[str, int]]:
     """The model a stage trains: LoRA adapters on it (``adapter: lora``) or its top
-    ``top_k`` layers unfrozen; plus its trainable and total parameter counts."""
-    from pipeline_lib.models import freeze_all_but_top_k
+    ``top_k`` layers unfrozen; plus its trainable and total parameter counts. ``upcast``
+    keeps what trains in float32 under bf16 weights (a trainer that runs every forward
+    under autocast); peft's adapters are float32 either way."""
+    from pipeline_lib.models import freeze_all_but_top_k, upcast_trainable
 
     if section.adapter == "lora":
         model = adapters.attach(model, stage, section)
     else:
         freeze_all_but_top_k(model, section.top_k)
+    if upcast:
+        upcast_trainable(model)  # bf16 weights: what trains stays float32 (autocast computes in bf16)
     if section.gradient_checkpointing:
         # Frozen embeddings give checkpointed blocks inputs without grad; make them require it.
         model.enable_input_require_grads()
@@ -171,6 +175,9 @@ def save_model(
             raise ValueError("saving a LoRA model needs the directory it started from and its section")
         form = adapters.publish(model, out_dir, start_dir, section.lora.merge)
     else:
+        frozen = [parameter.dtype for parameter in model.parameters() if not parameter.requires_grad]
+        if torch.bfloat16 in frozen:  # precision bf16: publish in bf16, trained float32 layers included
+            model = model.to(torch.bfloat16)
         model.save_pretrained(out_dir, safe_serialization=True)
         form = {"format": "full weights"}
     tokenizer.save_pretrained(out_dir)
