@@ -63,7 +63,7 @@ def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_
         "use_cpu": not torch.cuda.is_available(),
         "bf16": config.precision == "bf16",
         "fp16": config.precision == "fp16",
-        "gradient_checkpointing": section.gradient_checkpointing,
+        "activation_checkpointing": section.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         "disable_tqdm": False,
         "dataloader_num_workers": 0,
     }
