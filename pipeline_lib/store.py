@@ -7,7 +7,10 @@
   an interrupted stage resumes) and is published by one ``os.rename``: a reader sees
   either nothing or a complete output.
 * A directory is only ever used when its manifest exists and every file it lists has
-  the checksum it recorded (``validate``).
+  the checksum it recorded (``validate``). A file whose size and modification time are
+  still those recorded at publish is taken as unchanged without re-reading it (a cached
+  re-run would otherwise hash every published model on every plan);
+  ``validate(deep=True)``, or ``python -m pipeline_lib.store verify``, re-hashes all.
 
 The manifest replaces the original scripts' ``training_info.pt``: JSON, not pickle.
 """
@@ -73,6 +76,15 @@ def stage_key(
     return sha256_text(canonical_json(payload))
 
 
+def file_stats(directory: Path) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every file but the manifest: the cheap check of ``validate``."""
+    return {
+        str(path.relative_to(directory)): [path.stat().st_size, path.stat().st_mtime_ns]
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
 def file_checksums(directory: Path) -> dict[str, str]:
     return {
         str(path.relative_to(directory)): sha256_file(path)
@@ -105,8 +117,9 @@ class Store:
         partial.mkdir(parents=True, exist_ok=True)
         return partial
 
-    def validate(self, stage: str, key: str) -> str | None:
-        """None if the published output is complete and intact, else why it is not."""
+    def validate(self, stage: str, key: str, deep: bool = False) -> str | None:
+        """None if the published output is complete and intact, else why it is not.
+        ``deep`` re-hashes every file even when its size and mtime are unchanged."""
         directory = self.path(stage, key)
         manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
@@ -123,10 +136,14 @@ class Store:
         files = manifest.get("files")
         if not isinstance(files, dict) or not all(isinstance(value, str) for value in files.values()):
             return f"{manifest_path} has no valid file list"
+        stats = manifest.get("stats") if isinstance(manifest.get("stats"), dict) else {}
         for name, expected in files.items():
             file_path = directory / name
             if not file_path.is_file():
                 return f"{file_path} is missing"
+            stat = file_path.stat()
+            if not deep and stats.get(name) == [stat.st_size, stat.st_mtime_ns]:
+                continue
             if sha256_file(file_path) != expected:
                 return f"{file_path} does not match its checksum"
         # A LoRA adapter is only usable beside the full-weights directory it was trained on.
@@ -157,6 +174,7 @@ class Store:
             "stage": stage,
             "key": key,
             "files": file_checksums(partial),
+            "stats": file_stats(partial),
             "versions": library_versions(),
             "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -182,3 +200,34 @@ class Store:
                 shutil.rmtree(stale, ignore_errors=True)
                 removed.append(stale)
         return removed
+
+
+def verify(root: Path) -> dict[str, str | None]:
+    """Re-hash every published output under ``root`` (a store); move the broken ones aside
+    (as ``publish`` moves a replaced output) so the next run trains them again. Returns
+    ``{"stage/key": problem or None}``."""
+    store = Store(root)
+    found: dict[str, str | None] = {}
+    for directory in sorted(Path(root).glob("*/*")):
+        if not directory.is_dir() or "." in directory.name:  # .partial, .stale-*
+            continue
+        stage, key = directory.parent.name, directory.name
+        problem = store.validate(stage, key, deep=True)
+        found[f"{stage}/{key}"] = problem
+        if problem:
+            directory.rename(directory.with_name(f"{key}.stale-{int(time.time() * 1000)}"))
+    return found
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Re-hash every published stage output; move broken ones aside.")
+    parser.add_argument("command", choices=["verify"])
+    parser.add_argument("--output-root", type=Path, default=Path(".data"), help="the run's output_root")
+    arguments = parser.parse_args()
+    results = verify(arguments.output_root / "store")
+    for name, problem in results.items():
+        print(f"{'ok    ' if problem is None else 'BROKEN'}  {name}" + (f": {problem} (moved aside)" if problem else ""))
+    sys.exit(1 if any(results.values()) else 0)

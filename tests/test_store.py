@@ -179,3 +179,45 @@ def test_an_adapter_whose_base_model_is_gone_is_not_usable(tmp_path: Path) -> No
     assert store.validate("dpo", "a" * 64) is None
     (base / "config.json").unlink()
     assert "LoRA adapter whose base model" in store.validate("dpo", "a" * 64)
+
+
+def test_unchanged_files_are_not_re_read_but_a_changed_one_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached re-run must not hash every published model: size and mtime as recorded at
+    publish mean unchanged; any write changes the mtime and brings the checksum back."""
+    import pipeline_lib.store as store_module
+
+    store = Store(tmp_path / "store")
+    key = "k" * 64
+    make_partial(store, key=key)
+    output = store.publish("sft", key, {"metrics": {}})
+    hashed: list[str] = []
+    real_sha = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha(path))
+    assert store.validate("sft", key) is None and hashed == []
+    assert store.validate("sft", key, deep=True) is None and sorted(hashed) == ["card.md", "model.safetensors"]
+    hashed.clear()
+    time.sleep(0.01)
+    (output.path / "model.safetensors").write_bytes(b"WEIGHTS")  # same size, new content and mtime
+    assert "does not match its checksum" in store.validate("sft", key)
+    assert hashed == ["model.safetensors"]
+
+
+def test_verify_finds_a_change_that_kept_size_and_mtime_and_moves_it_aside(tmp_path: Path) -> None:
+    import os
+
+    from pipeline_lib.store import verify
+
+    store = Store(tmp_path / "store")
+    for key in ("a" * 64, "b" * 64):
+        make_partial(store, key=key)
+        store.publish("sft", key, {"metrics": {}})
+    weights = store.path("sft", "b" * 64) / "model.safetensors"
+    before = weights.stat()
+    weights.write_bytes(b"WEIGHTS")  # bit rot: same size, and the old mtime put back
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert store.validate("sft", "b" * 64) is None  # the cheap check cannot see it
+    results = verify(tmp_path / "store")
+    assert results[f"sft/{'a' * 64}"] is None
+    assert "does not match its checksum" in results[f"sft/{'b' * 64}"]
+    assert not store.path("sft", "b" * 64).exists()  # moved aside: the next run trains it again
+    assert store.validate("sft", "a" * 64) is None
