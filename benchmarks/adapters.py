@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import sys
-import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages import run_in_child  # noqa: E402  (benchmarks/stages.py: one stage in a fresh process)
 
 VARIANTS = {
     "full": ["{stage}.adapter=none", "{stage}.top_k=0"],
@@ -41,29 +39,8 @@ VARIANTS = {
 UPSTREAM = ("data_prep", "sft")
 
 
-def _run(name: str, out_name: str, cfg, root: Path, queue) -> None:
-    from pipeline_lib import registry
-    from pipeline_lib.data import sentiment_task
-    from pipeline_lib.models import materialize_base_model
-
-    try:
-        base = materialize_base_model(cfg.model, root / "models", sentiment_task.corpus())
-        outputs = {stage: root / stage for stage in UPSTREAM}
-        metrics, error = registry.stage(name).run(cfg, registry.stage_inputs(name, outputs, base), root / out_name), None
-    except BaseException:  # report and let the parent decide
-        metrics, error = {}, traceback.format_exc()
-    queue.put({"metrics": metrics, "error": error, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-
-
 def in_child(name: str, out_name: str, cfg, root: Path) -> dict:
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    start = time.perf_counter()
-    process = context.Process(target=_run, args=(name, out_name, cfg, root, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    result["wall_s"] = time.perf_counter() - start
+    result = run_in_child(name, cfg, root, out_name)
     if result["error"]:
         raise SystemExit(f"{out_name} failed:\n{result['error']}")
     return result

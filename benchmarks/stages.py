@@ -49,7 +49,7 @@ def key_metrics(name: str) -> tuple[str, ...]:
     return declared.key_metrics
 
 
-def _stage(name: str, cfg, root: Path):
+def _stage(name: str, cfg, root: Path, out_name: str):
     from pipeline_lib.data import sentiment_task
     from pipeline_lib.models import materialize_base_model
 
@@ -57,19 +57,40 @@ def _stage(name: str, cfg, root: Path):
     if name == "base_model":
         return {"path": str(base)}
     earlier = {stage: root / stage for stage in STAGES[1 : STAGES.index(name)]}
-    return registry.stage(name).run(cfg, registry.stage_inputs(name, earlier, base), root / name)
+    return registry.stage(name).run(cfg, registry.stage_inputs(name, earlier, base), root / out_name)
 
 
-def _child(name: str, cfg, root: Path, queue) -> None:
+def _child(name: str, cfg, root: Path, queue, out_name: str) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(name)s: %(message)s")
     try:
-        metrics, error = _stage(name, cfg, root), None
+        metrics, error = _stage(name, cfg, root, out_name), None
     except BaseException:  # report and let the parent decide
         metrics, error = {}, traceback.format_exc()
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     queue.put({"metrics": metrics, "error": error, "peak_rss_mib": rss_mib})
+
+
+def run_in_child(name: str, cfg, root: Path, out_name: str | None = None) -> dict:
+    """Run one stage (inputs: the earlier stages' directories under ``root``) into
+    ``root/out_name`` (default: its name) in a fresh process; its metrics, error, peak RSS
+    and wall seconds."""
+    queue = mp.get_context("spawn").Queue()
+    start = time.perf_counter()
+    process = mp.get_context("spawn").Process(target=_child, args=(name, cfg, root, queue, out_name or name))
+    process.start()
+    while True:  # read before join (a full pipe would block the child); notice a killed child
+        try:
+            result = queue.get(timeout=2)
+            break
+        except Empty:
+            if not process.is_alive():
+                result = {"metrics": {}, "error": f"child died, exit code {process.exitcode}", "peak_rss_mib": 0.0}
+                break
+    process.join()
+    result["wall_s"] = time.perf_counter() - start
+    return result
 
 
 def _fmt(value) -> str:
@@ -92,23 +113,9 @@ def main() -> int:
     todo = STAGES[STAGES.index(args.from_stage) :]
     for stage in [] if args.resume else [s for s in todo if s != "base_model"]:
         shutil.rmtree(root / stage, ignore_errors=True)
-    ctx = mp.get_context("spawn")
     rows, start_all = [], time.perf_counter()
     for name in todo:
-        queue = ctx.Queue()
-        start = time.perf_counter()
-        process = ctx.Process(target=_child, args=(name, cfg, root, queue))
-        process.start()
-        while True:  # read before join (a full pipe would block the child); notice a killed child
-            try:
-                result = queue.get(timeout=2)
-                break
-            except Empty:
-                if not process.is_alive():
-                    result = {"metrics": {}, "error": f"child died, exit code {process.exitcode}", "peak_rss_mib": 0.0}
-                    break
-        process.join()
-        result["wall_s"] = time.perf_counter() - start
+        result = run_in_child(name, cfg, root)
         rows.append({"stage": name, **result})
         print(f"== {name}: {result['wall_s']:.1f} s, {result['peak_rss_mib']:.0f} MiB", flush=True)
         summary = {"preset": args.preset, "config": str(args.config), "overrides": args.overrides, "stages": rows}

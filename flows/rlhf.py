@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", dest="config_file", help="YAML file whose sections override the preset")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="override one setting, e.g. --set dpo.beta=0.2 (repeatable); see .env.example for every field",
+        help="override one setting, e.g. --set dpo.beta=0.2, --set adapter=lora (LoRA on every training stage), "
+        "--set precision=bf16 (repeatable); see .env.example for every field",
     )
     parser.add_argument(
         "--stages",

@@ -124,40 +124,41 @@ def target_module_names(model: nn.Module, stage: str, section: "TrainSection") -
     return linear
 
 
-def attach(model: nn.Module, stage: str, section: "TrainSection") -> nn.Module:
-    """Freeze ``model`` and wrap it with fresh LoRA adapters (``peft.get_peft_model``)."""
-    from peft import LoraConfig, TaskType, get_peft_model
+def lora_config(model: nn.Module, stage: str, section: "TrainSection", **extra):
+    """The stage's ``lora`` settings as a ``peft.LoraConfig`` on the model's resolved targets."""
+    from peft import LoraConfig
 
-    scalar_head = any(hasattr(model, head) for head in SCALAR_HEADS)
     lora = section.lora
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target_module_names(model, stage, section),
-        task_type=TaskType.SEQ_CLS if scalar_head else TaskType.CAUSAL_LM,
-        modules_to_save=[head for head in SCALAR_HEADS if hasattr(model, head)] or None,
+        **extra,
+    )
+
+
+def attach(model: nn.Module, stage: str, section: "TrainSection") -> nn.Module:
+    """Freeze ``model`` and wrap it with fresh LoRA adapters (``peft.get_peft_model``)."""
+    from peft import TaskType, get_peft_model
+
+    heads = [head for head in SCALAR_HEADS if hasattr(model, head)]
+    config = lora_config(
+        model, stage, section, task_type=TaskType.SEQ_CLS if heads else TaskType.CAUSAL_LM, modules_to_save=heads or None
     )
     return get_peft_model(model, config)
 
 
-def attach_in_place(model: nn.Module, stage: str, section: "TrainSection") -> dict[str, int]:
+def attach_in_place(model: nn.Module, stage: str, section: "TrainSection") -> None:
     """LoRA layers injected into ``model`` itself (no ``PeftModel`` wrapper), for a model
     that trains but is never published and that a trainer reaches into by attribute (PPO's
     value model: TRL calls its backbone and ``score`` directly, outside autocast, so the
-    layers keep the model's dtype). Everything else is frozen but the scalar head; returns
-    trainable and total parameter counts."""
-    from peft import LoraConfig, inject_adapter_in_model
+    layers keep the model's dtype). Everything else is frozen but the scalar head."""
+    from peft import inject_adapter_in_model
 
-    lora = section.lora
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=target_module_names(model, stage, section)
-    )
-    inject_adapter_in_model(config, model)
+    inject_adapter_in_model(lora_config(model, stage, section), model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad = "lora_" in name or name.split(".")[0] in SCALAR_HEADS
-    total = sum(parameter.numel() for parameter in model.parameters())
-    return {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad), "total_parameters": total}
 
 
 def check_targets(config: "PipelineConfig", base_model_dir: Path, stages: list[str] | None = None) -> None:

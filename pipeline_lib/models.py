@@ -359,6 +359,11 @@ def freeze_all_but_top_k(model: nn.Module, top_k: int) -> dict[str, int]:
         for module in trainable:
             for parameter in module.parameters():
                 parameter.requires_grad = True
+    return parameter_counts(model)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable and total parameter counts, as every training stage reports them."""
     total = sum(parameter.numel() for parameter in model.parameters())
-    trainable_count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-    return {"trainable_parameters": trainable_count, "total_parameters": total}
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return {"trainable_parameters": trainable, "total_parameters": total}

@@ -200,29 +200,13 @@ def hub_downloads(config: PipelineConfig) -> list[HubDownload]:
 
 def _model_status(item: HubDownload, models_dir: Path) -> None:
     from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     converted = models_dir / item.name.replace("/", "--")  # where models.materialize_base_model keeps it
     if (converted / "config.json").is_file():
         item.local = str(converted)
         return
-    if sources.hub_offline():
-        item.problem = sources.OFFLINE_REASON
-    else:
-        try:
-            from huggingface_hub import HfApi
-
-            item.resolved = HfApi().model_info(item.name, revision=item.revision).sha
-            return
-        except GatedRepoError:
-            item.problem, item.final = "gated: accept its terms on the hub and set HF_TOKEN", True
-        except RevisionNotFoundError:
-            item.problem, item.final = f"the hub has no revision {item.revision!r} of it (model.revision)", True
-        except RepositoryNotFoundError:
-            item.problem, item.final = "no such model on the hub (or it is private: set HF_TOKEN)", True
-        except Exception as error:  # connection refused, DNS, timeouts, proxies: many types
-            item.problem = f"hub not reachable ({type(error).__name__})"
-    if not item.final:
+    item.resolved, item.problem, item.final = sources.hub_commit("model", item.name, item.revision, "model.revision")
+    if item.resolved is None and not item.final:
         cached = try_to_load_from_cache(item.name, "config.json", revision=item.revision)
         if isinstance(cached, str):
             item.local = str(Path(cached).parent)

@@ -148,16 +148,16 @@ def test_reward_adapter_reloads_with_its_score_head_bit_identical(
 
 
 def test_dpo_with_lora_holds_no_reference_copy(tiny_base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline_lib.stages import dpo
+    from pipeline_lib import models
 
     loads: list[str] = []
-    original = dpo.load_causal_lm
+    original = models.load_causal_lm
 
     def counting_load(path, *args, **kwargs):
         loads.append(str(path))
         return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(dpo, "load_causal_lm", counting_load)
+    monkeypatch.setattr(models, "load_causal_lm", counting_load)  # as training.load_policy_and_reference reaches it
     run = run_stages(tiny_base_model, tmp_path, ["dpo.adapter=lora"], ["data_prep", "sft", "dpo"], monkeypatch)
     assert len(loads) == 1  # the policy only: the reference is the policy with its adapter disabled
     assert run.metrics["dpo"]["final_reward_margin"] is not None

@@ -122,29 +122,36 @@ def hub_offline() -> bool:
 OFFLINE_REASON = "offline (HF_HUB_OFFLINE is set)"
 
 
-def hub_dataset_status(name: str, revision: str | None) -> tuple[str | None, bool, str | None, bool]:
-    """(commit the hub resolves it to now, whether a copy is in the local cache, why it
-    cannot be had now, whether that reason is final) for a hub dataset; downloads nothing.
+def hub_commit(kind: str, name: str, revision: str | None, revision_setting: str) -> tuple[str | None, str | None, bool]:
+    """(commit the hub resolves a ``kind`` ("model" or "dataset") to now, why it cannot be
+    had now, whether that reason is final); asks for metadata only, downloads nothing.
 
-    Final reasons (no such dataset or revision, gated) fail any run, dry or not; an
-    unreachable hub fails only a real run, and only when no cached copy exists."""
+    Final reasons (no such repository or revision, gated) fail any run, dry or not; an
+    unreachable hub fails only a real run, and only when no local copy exists."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     if hub_offline():
-        reason = OFFLINE_REASON
-    else:
-        try:
-            from huggingface_hub import HfApi
+        return None, OFFLINE_REASON, False
+    info = HfApi().model_info if kind == "model" else HfApi().dataset_info
+    try:
+        return info(name, revision=revision).sha, None, False
+    except GatedRepoError:
+        return None, "gated: accept its terms on the hub and set HF_TOKEN", True
+    except RevisionNotFoundError:
+        return None, f"the hub has no revision {revision!r} of it ({revision_setting})", True
+    except RepositoryNotFoundError:
+        return None, f"no such {kind} on the hub (or it is private: set HF_TOKEN)", True
+    except Exception as error:  # connection refused, DNS, timeouts, proxies: many types
+        return None, f"hub not reachable ({type(error).__name__})", False
 
-            return HfApi().dataset_info(name, revision=revision).sha, False, None, False
-        except GatedRepoError:
-            return None, False, "gated: accept its terms on the hub and set HF_TOKEN", True
-        except RevisionNotFoundError:
-            return None, False, f"the hub has no revision {revision!r} of it (data.revision)", True
-        except RepositoryNotFoundError:
-            return None, False, "no such dataset on the hub (or it is private: set HF_TOKEN)", True
-        except Exception as error:  # connection refused, DNS, timeouts, proxies: many types
-            reason = f"hub not reachable ({type(error).__name__})"
+
+def hub_dataset_status(name: str, revision: str | None) -> tuple[str | None, bool, str | None, bool]:
+    """(commit the hub resolves it to now, whether a copy is in the local cache, why it
+    cannot be had now, whether that reason is final) for a hub dataset (``hub_commit``)."""
+    commit, reason, final = hub_commit("dataset", name, revision, "data.revision")
+    if commit is not None or final:
+        return commit, False, reason, final
     return None, _dataset_in_local_cache(name, revision), reason, False
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_messages
-from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
+from pipeline_lib.models import load_tokenizer
 from pipeline_lib.data.files import read_split
 from pipeline_lib.stages import Stage, training
 
@@ -48,9 +48,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # --- models: the policy trains; the reference is a second frozen copy of SFT, or with
     # LoRA the policy with its adapter disabled (TRL's PEFT path: no second copy)
     tokenizer = load_tokenizer(sft_model_dir)
-    dtype = torch_dtype(config.precision)
-    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
-    reference = None if section.adapter == "lora" else load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
+    policy, reference = training.load_policy_and_reference(config, section, sft_model_dir)
     policy, parameter_counts = training.prepare_model(policy, "dpo", section)
     # --- train
     args = DPOConfig(

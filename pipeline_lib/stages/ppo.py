@@ -34,7 +34,6 @@ from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import chat_prompt_ids
 from pipeline_lib.models import (
     freeze_all_but_top_k,
-    load_causal_lm,
     load_sequence_classifier,
     load_tokenizer,
     torch_dtype,
@@ -106,8 +105,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # adapter disabled (TRL's PEFT path); the value model trains LoRA layers and its head
     # (one optimizer and rate for both models), else its top layers in full.
     dtype = torch_dtype(config.precision)
-    policy = load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
-    reference = None if section.adapter == "lora" else load_causal_lm(sft_model_dir, config.model.trust_remote_code, dtype)
+    policy, reference = training.load_policy_and_reference(config, section, sft_model_dir)
     reward_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id, dtype=dtype)
     value_model = load_sequence_classifier(reward_model_dir, tokenizer.pad_token_id, dtype=dtype)
     for parameter in reward_model.parameters():

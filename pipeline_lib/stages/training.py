@@ -140,7 +140,7 @@ def prepare_model(model, stage: str, section: TrainSection, upcast: bool = True)
     ``top_k`` layers unfrozen; plus its trainable and total parameter counts. ``upcast``
     keeps what trains in float32 under bf16 weights (a trainer that runs every forward
     under autocast); peft's adapters are float32 either way."""
-    from pipeline_lib.models import freeze_all_but_top_k, upcast_trainable
+    from pipeline_lib.models import freeze_all_but_top_k, parameter_counts, upcast_trainable
 
     if section.adapter == "lora":
         model = adapters.attach(model, stage, section)
@@ -151,9 +151,18 @@ def prepare_model(model, stage: str, section: TrainSection, upcast: bool = True)
     if section.gradient_checkpointing:
         # Frozen embeddings give checkpointed blocks inputs without grad; make them require it.
         model.enable_input_require_grads()
-    total = sum(parameter.numel() for parameter in model.parameters())
-    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-    return model, {"trainable_parameters": trainable, "total_parameters": total}
+    return model, parameter_counts(model)
+
+
+def load_policy_and_reference(config: PipelineConfig, section: TrainSection, start_dir: Path):
+    """The policy a preference stage starts from, and its frozen reference: a second copy,
+    or None with LoRA (TRL then takes the reference from the policy itself: no second copy)."""
+    from pipeline_lib.models import load_causal_lm, torch_dtype
+
+    def load():
+        return load_causal_lm(start_dir, config.model.trust_remote_code, torch_dtype(config.precision))
+
+    return load(), None if section.adapter == "lora" else load()
 
 
 def save_model(
