@@ -229,6 +229,29 @@ class GRPOSection(TrainSection):
         return self
 
 
+ACCELERATE_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
+
+
+class LaunchSection(Section):
+    """How many processes each training stage runs on, and with which engine (accelerate)."""
+
+    num_processes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Processes per training stage (1 = one process, as a plain run). Above 1 the stage runs under "
+        "'accelerate launch' (data parallel on this machine's GPUs, or on its CPU cores with the gloo backend); "
+        "the effective batch is per_device_train_batch_size x num_processes x gradient_accumulation_steps.",
+    )
+    accelerate_config: str = Field(
+        "ddp",
+        min_length=1,
+        description="Engine for num_processes > 1: 'ddp' (data parallel, CPU or GPU), 'fsdp' (FSDP2, GPUs), "
+        "'zero2' or 'zero3' (DeepSpeed ZeRO, GPUs, needs the deepspeed package), or the path of an accelerate "
+        "config YAML file of your own.",
+    )
+
+
 class EvaluateSection(Section):
     max_new_tokens: int = Field(40, ge=1, le=1024, description="Tokens generated per held-out prompt.")
     num_prompts: int = Field(0, ge=0, description="Held-out prompts to evaluate (0 = all).")
@@ -257,6 +280,7 @@ class PipelineConfig(Section):
     adapter: Literal["none", "lora"] | None = Field(
         None, description="Set every training stage's adapter at once ('none' or 'lora'); unset = each stage's own."
     )
+    launch: LaunchSection = Field(default_factory=LaunchSection)
     stages: list[str] = Field(
         [],
         description="Stages a run includes when none are selected with --stages (empty = every stage); what they "

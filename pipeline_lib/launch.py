@@ -78,7 +78,7 @@ def _fork_server() -> multiprocessing.context.ForkServerContext:
     return _context
 
 
-def _end_with(flow_pid: int, every_seconds: float = 1.0) -> None:
+def end_with(flow_pid: int, every_seconds: float = 1.0) -> None:
     """End this stage process once the flow's process is gone (killed, or cancelled from the
     UI), so a run that stopped leaves no stage training on its own. A watchdog thread, not
     PR_SET_PDEATHSIG: this process's parent is the fork server, which outlives the flow
@@ -95,7 +95,7 @@ def _end_with(flow_pid: int, every_seconds: float = 1.0) -> None:
 def _child(
     stage_name: str, config_json: dict[str, Any], inputs: dict[str, str], out_dir: str, cores_dir: str, flow_pid: int, logs, results
 ) -> None:
-    _end_with(flow_pid)
+    end_with(flow_pid)
     handler = logging.handlers.QueueHandler(logs)
     project_logger = logging.getLogger("pipeline_lib")
     project_logger.handlers[:] = [handler]
@@ -177,10 +177,14 @@ def run_stage_process(
 
 
 def stop_all_stages() -> None:
-    """Kill every stage process this process started (a run being cancelled or terminated)."""
+    """Kill every stage process this process started (a run being cancelled or terminated),
+    the ranks of a stage on several processes included."""
+    from pipeline_lib import distributed
+
     for process in list(_live):
         if process.is_alive():
             process.kill()
+    distributed.stop_all()
 
 
 @contextmanager

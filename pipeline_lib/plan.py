@@ -26,6 +26,7 @@ from typing import Any
 from pipeline_lib import models, registry
 from pipeline_lib.config import ConfigError, PipelineConfig, check_precision, check_top_k
 from pipeline_lib.data import schemas, sentiment_task, sources
+from pipeline_lib.distributed import check_launch_here
 from pipeline_lib.errors import ModelError
 from pipeline_lib.store import Store, sha256_text, stage_key
 
@@ -321,6 +322,7 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
     parse_stage_list(config.stages, what="stages")
     included = closure(parse_stage_list(stages, config.stages, "stages"))
     check_precision_here(config)
+    check_launch_here(config)
     data = config.data
     if sources.is_embedded(data.source):
         sources.check_embedded_task(data.source)

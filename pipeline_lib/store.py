@@ -32,7 +32,7 @@ from pipeline_lib.errors import StoreError
 MANIFEST = "manifest.json"
 TRACKED_LIBRARIES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate")
 # Directories inside a partial output that are scratch, never published.
-SCRATCH_DIRS = ("checkpoints", "failed")
+SCRATCH_DIRS = ("checkpoints", "failed", "launch")
 # A replaced output is kept this long after it was moved aside, for readers still using it.
 STALE_GRACE_SECONDS = 3600.0
 

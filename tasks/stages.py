@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from pipeline_lib import registry
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.distributed import run_stage_distributed
 from pipeline_lib.launch import run_stage_process
 from pipeline_lib.plan import store_for
 from pipeline_lib.registry import BASE_MODEL
@@ -100,9 +101,12 @@ def run_stage(
     inputs = {BASE_MODEL: Path(base_model_dir), **{name: Path(result.path) for name, result in upstream.items()}}
 
     def train(out_dir: Path) -> dict[str, Any]:
-        # The stage's ML runs in a process of its own (pipeline_lib/launch.py): if it dies,
-        # this task fails naming the stage, and the stages beside it carry on.
-        return run_stage_process(stage_name, config.model_dump(mode="json"), inputs, out_dir, prefect_dir(config) / "running")
+        # The stage's ML runs in a process of its own (pipeline_lib/launch.py), or on
+        # launch.num_processes processes under accelerate (pipeline_lib/distributed.py): if
+        # it dies, this task fails naming the stage, and the stages beside it carry on.
+        several = registry.stage(stage_name).distributed and config.launch.num_processes > 1
+        run = run_stage_distributed if several else run_stage_process
+        return run(stage_name, config.model_dump(mode="json"), inputs, out_dir, prefect_dir(config) / "running")
 
     return execute(stage_name, key, config, upstream, train, rerun)
 

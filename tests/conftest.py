@@ -35,6 +35,15 @@ def isolated_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def harness():
+    """One Prefect test harness (a temporary server) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> PipelineConfig:
     """A fresh tiny config per test, writing under tmp_path and ignoring any developer ``.env``.

@@ -38,6 +38,10 @@ class Stage:
     judges_policies: bool = False
     # The metrics of ``run`` a person looks at first (benchmarks print these).
     key_metrics: tuple[str, ...] = ()
+    # Trains with a TRL trainer that runs on several processes under ``accelerate launch``
+    # when ``launch.num_processes > 1`` (pipeline_lib/distributed.py); the launch settings
+    # are then part of its key (the world size changes the effective batch).
+    distributed: bool = False
 
     @property
     def module(self) -> str:
@@ -50,4 +54,6 @@ class Stage:
     def config_section(self, config: "PipelineConfig") -> dict[str, Any]:
         """The part of the config this stage's key depends on."""
         parts = {name: getattr(config, name).model_dump(mode="json") for name in self.config_sections}
+        if self.distributed:
+            parts["launch"] = config.launch.model_dump(mode="json")
         return {"seed": config.seed, "precision": config.precision, **parts}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import PipelineConfig
+from pipeline_lib.distributed import LAUNCH_DIR, shared_dataset
 from pipeline_lib.generation import chat_messages
 from pipeline_lib.models import load_tokenizer
 from pipeline_lib.data.files import read_split
@@ -45,6 +46,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     training.seed_everything(config.seed)
     # --- data
     train_dataset = conversational_pairs(read_split(data_dir, "pairs_train"), config.model.system_prompt)
+    train_dataset = shared_dataset(train_dataset, Path(out_dir) / LAUNCH_DIR / "pairs_train")  # several processes only
     # --- models: the policy trains; the reference is a second frozen copy of SFT, or with
     # LoRA the policy with its adapter disabled (TRL's PEFT path: no second copy)
     tokenizer = load_tokenizer(sft_model_dir)
@@ -95,5 +97,6 @@ STAGE = Stage(
     summary="direct preference optimisation from SFT on the preference pairs",
     requires=("data_prep", "sft"),
     policy=True,
+    distributed=True,
     key_metrics=("train_loss", "final_reward_margin", "final_reward_accuracy"),
 )

@@ -115,5 +115,6 @@ STAGE = Stage(
     summary="GRPO from SFT: groups of sampled responses scored by the reward model, no value model",
     requires=("data_prep", "sft", "reward"),
     policy=True,
+    distributed=True,
     key_metrics=("first_reward_model_score", "final_reward_model_score", "final_kl"),
 )

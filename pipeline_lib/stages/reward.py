@@ -96,5 +96,6 @@ STAGE = Stage(
     run=run,
     summary="reward model on preference pairs, judged by held-out pairwise accuracy",
     requires=("data_prep", "sft"),
+    distributed=True,
     key_metrics=("train_loss", "pairwise_accuracy_before", "pairwise_accuracy"),
 )

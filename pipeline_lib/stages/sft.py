@@ -82,5 +82,6 @@ STAGE = Stage(
     summary="supervised fine-tuning of the base model on the best responses",
     requires=("data_prep",),
     policy=True,
+    distributed=True,
     key_metrics=("train_loss", "eval_loss", "trainable_parameters"),
 )

@@ -6,6 +6,10 @@
   raises, what was trained so far goes to ``failed/model`` beside ``failed/error.json``
   (never in place of a good output) and the error propagates.
 * ``save_model`` writes safetensors, the tokenizer and a model card with lineage.
+
+On several processes (``launch.num_processes > 1``, ``pipeline_lib/distributed.py``)
+every rank runs the same stage code; only rank 0 writes (``is_main_process``), and the
+trainers save their checkpoints from rank 0 themselves.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import transformers
 from pipeline_lib import adapters, tracking
 from pipeline_lib.cores import ShareCores
 from pipeline_lib.config import PipelineConfig, TrainSection
+from pipeline_lib.distributed import is_main_process
 from pipeline_lib.errors import StageFailed
 
 logger = logging.getLogger(__name__)
@@ -109,15 +114,8 @@ def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> 
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint) if resume else trainer.train()
     except BaseException as error:
-        rescue = Path(out_dir) / "failed"
-        try:
-            trainer.save_model(str(rescue / "model"))
-        except Exception:  # the model may be in no state to save; the error below matters more
-            logger.exception("%s: could not save the partially trained model", stage)
-        (rescue).mkdir(parents=True, exist_ok=True)
-        (rescue / "error.json").write_text(
-            json.dumps({"stage": stage, "error": repr(error), "traceback": traceback.format_exc()}, indent=2)
-        )
+        if is_main_process():
+            _rescue(trainer, stage, Path(out_dir) / "failed", error)
         tracking.finish()
         if isinstance(error, Exception):
             raise StageFailed(f"{stage} failed: {type(error).__name__}: {error}") from error
@@ -125,6 +123,18 @@ def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> 
     metrics = dict(getattr(result, "metrics", None) or {})
     metrics["resumed_from_checkpoint"] = checkpoint is not None
     return metrics
+
+
+def _rescue(trainer, stage: str, rescue: Path, error: BaseException) -> None:
+    """What was trained so far, and the error, to ``failed/`` (never in place of an output)."""
+    try:
+        trainer.save_model(str(rescue / "model"))
+    except Exception:  # the model may be in no state to save; the error matters more
+        logger.exception("%s: could not save the partially trained model", stage)
+    rescue.mkdir(parents=True, exist_ok=True)
+    (rescue / "error.json").write_text(
+        json.dumps({"stage": stage, "error": repr(error), "traceback": traceback.format_exc()}, indent=2)
+    )
 
 
 def loss_history(trainer) -> list[dict[str, float]]:
@@ -178,6 +188,8 @@ def save_model(
     weights (``adapters.publish``); the tokenizer; a model card with lineage and form."""
     from peft import PeftModel
 
+    if not is_main_process():
+        return
     out_dir = Path(out_dir)
     if isinstance(model, PeftModel):
         if start_dir is None or section is None:
@@ -199,5 +211,6 @@ def save_model(
 
 def write_loss_log(trainer, out_dir: Path) -> list[dict[str, float]]:
     history = loss_history(trainer)
-    (Path(out_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
+    if is_main_process():
+        (Path(out_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
     return history
