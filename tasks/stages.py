@@ -105,6 +105,10 @@ def run_stage(
         # launch.num_processes processes under accelerate (pipeline_lib/distributed.py): if
         # it dies, this task fails naming the stage, and the stages beside it carry on.
         several = registry.stage(stage_name).distributed and config.launch.num_processes > 1
+        if config.launch.num_processes > 1 and not several and stage_name in config.train_sections():
+            # TRL 1.12's PPO (trl.experimental) cannot save from ranks other than 0 under transformers 5.
+            get_run_logger().info("%s: runs on one process (launch.num_processes applies to %s)", stage_name,
+                                  ", ".join(name for name in registry.stage_names() if registry.stage(name).distributed))
         run = run_stage_distributed if several else run_stage_process
         return run(stage_name, config.model_dump(mode="json"), inputs, out_dir, prefect_dir(config) / "running")
 
