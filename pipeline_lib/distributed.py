@@ -40,13 +40,12 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import ACCELERATE_CONFIGS, PipelineConfig
-from pipeline_lib.errors import ConfigError, PipelineError, StageFailed
+from pipeline_lib.errors import ConfigError, StageFailed
 
 logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "accelerate_configs"
@@ -145,6 +144,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def sharded_weights() -> bool:
+    """Whether this rank holds only a shard of the weights: FSDP, or DeepSpeed ZeRO-3 (the
+    variables ``accelerate launch`` sets for the ranks it starts)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return True
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -189,7 +196,7 @@ def launch_command(config: PipelineConfig, request: Path) -> list[str]:
         "--num_machines", "1",
         "--main_process_port", str(_free_port()),
         "--mixed_precision", precision,
-        "-m", __name__, str(request),
+        "-m", "pipeline_lib.rank", str(request),
     ]  # fmt: skip
 
 
@@ -320,55 +327,3 @@ def stop_all() -> None:
     for process in list(_live):
         if process.poll() is None:
             _kill(process)
-
-
-# ---------------------------------------------------------------- one rank
-
-
-class _StdoutRecords(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            payload = {"name": record.name, "level": record.levelno, "message": record.getMessage()}
-            if record.exc_info:
-                payload["message"] += "\n" + "".join(traceback.format_exception(*record.exc_info))
-            sys.stdout.write(LOG_PREFIX + json.dumps(payload) + "\n")
-            sys.stdout.flush()
-        except Exception:  # logging must never end a rank
-            self.handleError(record)
-
-
-def _rank_main(request_path: str) -> None:
-    from pipeline_lib import cores, registry
-    from pipeline_lib.launch import end_with
-
-    request = json.loads(Path(request_path).read_text())
-    rank, stage_name = int(os.environ.get("RANK", "0")), request["stage"]
-    flow_pid = os.environ.get(FLOW_PID_VARIABLE)
-    if flow_pid:
-        end_with(int(flow_pid))
-    project_logger = logging.getLogger("pipeline_lib")
-    project_logger.handlers[:] = [_StdoutRecords()]
-    project_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    project_logger.propagate = False
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    out_dir, launch_dir = Path(request["out_dir"]), Path(request["out_dir"]) / LAUNCH_DIR
-    try:
-        config = PipelineConfig.model_validate(request["config"])
-        stage = registry.stage(stage_name)
-        with cores.running(Path(request["cores_dir"]), f"{stage_name}-rank{rank}") as threads:
-            project_logger.info("%s: rank %d of %d, process %d (%d torch threads)", stage_name, rank, world_size(), os.getpid(), threads)
-            metrics = stage.run(config, {name: Path(path) for name, path in request["inputs"].items()}, out_dir)
-        if rank == 0:
-            metrics = {**metrics, "world_size": world_size(), "accelerate_config": config.launch.accelerate_config}
-            (launch_dir / RESULT_FILE).write_text(json.dumps(metrics))
-    except BaseException as error:
-        message = str(error) if isinstance(error, PipelineError) else f"{type(error).__name__}: {error}"
-        project_logger.error("%s failed on rank %d:\n%s", stage_name, rank, traceback.format_exc())
-        (launch_dir / f"rank-{rank}.error.json").write_text(
-            json.dumps({"rank": rank, "error": message, "time": time.time(), "traceback": traceback.format_exc()})
-        )
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    _rank_main(sys.argv[1])

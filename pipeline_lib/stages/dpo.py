@@ -78,7 +78,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     last = next((entry for entry in reversed(history) if "rewards/margins" in entry), {})
     training.save_model(
         trainer.model, tokenizer, out_dir, "dpo", {"sft_model": str(sft_model_dir), "data": str(data_dir)},
-        start_dir=sft_model_dir, section=section,
+        start_dir=sft_model_dir, section=section, trainer=trainer,
     )
     return {
         **parameter_counts,

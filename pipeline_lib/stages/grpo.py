@@ -94,7 +94,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     training.save_model(
         trainer.model, tokenizer, out_dir, "grpo",
         {"sft_model": str(sft_model_dir), "reward_model": str(reward_model_dir), "data": str(data_dir)},
-        start_dir=sft_model_dir, section=section,
+        start_dir=sft_model_dir, section=section, trainer=trainer,
     )
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {

@@ -75,7 +75,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     history = training.write_loss_log(trainer, out_dir)
     training.save_model(
         trainer.model, tokenizer, out_dir, "reward", {"sft_model": str(sft_model_dir), "data": str(data_dir)},
-        start_dir=sft_model_dir, section=section,
+        start_dir=sft_model_dir, section=section, trainer=trainer,
     )
     return {
         **parameter_counts,

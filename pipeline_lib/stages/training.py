@@ -27,7 +27,7 @@ import transformers
 from pipeline_lib import adapters, tracking
 from pipeline_lib.cores import ShareCores
 from pipeline_lib.config import PipelineConfig, TrainSection
-from pipeline_lib.distributed import is_main_process
+from pipeline_lib.distributed import is_main_process, sharded_weights
 from pipeline_lib.errors import StageFailed
 
 logger = logging.getLogger(__name__)
@@ -183,15 +183,26 @@ def save_model(
     lineage: dict[str, Any],
     start_dir: Path | None = None,
     section: TrainSection | None = None,
+    trainer=None,
 ) -> None:
     """Publish a trained model: full weights, or (a LoRA stage) its adapter or merged
-    weights (``adapters.publish``); the tokenizer; a model card with lineage and form."""
+    weights (``adapters.publish``); the tokenizer; a model card with lineage and form.
+
+    Called on every rank. Under an engine that shards the weights (FSDP, DeepSpeed ZeRO-3)
+    the trainer's own ``save_model`` gathers them (a collective) and rank 0 writes them;
+    otherwise rank 0 holds the whole model and writes it alone."""
     from peft import PeftModel
 
-    if not is_main_process():
-        return
     out_dir = Path(out_dir)
-    if isinstance(model, PeftModel):
+    if trainer is not None and sharded_weights():
+        trainer.save_model(str(out_dir))
+        if not is_main_process():
+            return
+        (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of the arguments; nothing reads it
+        form = {"format": "full weights"}
+    elif not is_main_process():
+        return
+    elif isinstance(model, PeftModel):
         if start_dir is None or section is None:
             raise ValueError("saving a LoRA model needs the directory it started from and its section")
         form = adapters.publish(model, out_dir, start_dir, section.lora.merge)
