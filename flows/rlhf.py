@@ -50,13 +50,42 @@ def _prefect_toml_as_defaults(path: Path = Path(__file__).resolve().parents[1] /
 
 _prefect_toml_as_defaults()
 
+from pipeline_lib.config import available_presets  # noqa: E402  (light: no Prefect, no torch)
+from pipeline_lib.registry import stage_names  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python flows/rlhf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="default", choices=available_presets(), help="starting configuration")
+    parser.add_argument("--config", dest="config_file", help="YAML file whose sections override the preset")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+        help="override one setting, e.g. --set dpo.beta=0.2, --set adapter=lora (LoRA on every training stage), "
+        "--set precision=bf16 (repeatable); see .env.example for every field",
+    )
+    parser.add_argument(
+        "--stages",
+        help=f"comma-separated stages to run, with what they need ({','.join(stage_names())}), or 'all'; "
+        "default: the preset's stages",
+    )
+    parser.add_argument("--force", help="comma-separated stages to re-run with their descendants even if cached")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached; train nothing")
+    parser.add_argument("--output-root", help="where the store, caches and results live (default .data)")
+    return parser
+
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    build_parser().parse_args()  # prints the help and exits, before Prefect and torch are imported
+
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from pipeline_lib.config import PipelineConfig, available_presets, load_config
+from pipeline_lib.config import PipelineConfig, load_config
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.errors import PipelineError, StageFailed
 from pipeline_lib.launch import stages_stop_on_sigterm
@@ -71,8 +100,8 @@ from pipeline_lib.plan import (
     dry_run_details,
     make_plan,
     parse_stage_list,
+    store_for,
 )
-from pipeline_lib.registry import stage_names
 from tasks.stages import StageResult, prefect_dir, stage_cache_policy, stage_task
 
 Preset = Enum("Preset", {name: name for name in available_presets()}, type=str)
@@ -252,26 +281,26 @@ def run_summary(
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python flows/rlhf.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--preset", default="default", choices=available_presets(), help="starting configuration")
-    parser.add_argument("--config", dest="config_file", help="YAML file whose sections override the preset")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="override one setting, e.g. --set dpo.beta=0.2, --set adapter=lora (LoRA on every training stage), "
-        "--set precision=bf16 (repeatable); see .env.example for every field",
-    )
-    parser.add_argument(
-        "--stages",
-        help=f"comma-separated stages to run, with what they need ({','.join(stage_names())}), or 'all'; "
-        "default: the preset's stages",
-    )
-    parser.add_argument("--force", help="comma-separated stages to re-run with their descendants even if cached")
-    parser.add_argument("--dry-run", action="store_true", help="print each stage's key and whether it is cached; train nothing")
-    parser.add_argument("--output-root", help="where the store, caches and results live (default .data)")
-    return parser
+def everything_cached(config: PipelineConfig, params: RunParameters) -> dict[str, Any] | None:
+    """The run's summary, read from the store, when every planned stage is already there
+    (and none is forced); None when something has to run.
+
+    With Prefect's temporary server (no ``PREFECT_API_URL``) a run leaves no record anyone
+    can open once the process ends, so a run with nothing to do answers from the store
+    without starting one: the server's start-up is most of a cached run's cost. With a
+    configured server, every run goes through the flow, so that it shows in the UI."""
+    plan = make_plan(config, params.stage_names(), params.force_names())
+    if any(stage.will_run for stage in plan.stages):
+        return None
+    store = store_for(config)
+    results = {}
+    for stage in plan.stages:
+        output = store.load(stage.name, stage.key)
+        results[stage.name] = StageResult(
+            stage=stage.name, key=stage.key, path=str(output.path), metrics=output.manifest.get("metrics", {}), trained=False
+        )
+    print(f"every stage of this run is in the store ({len(plan.stages)} stages, all cached): nothing to run", file=sys.stderr)
+    return run_summary(plan, results)
 
 
 def parameters_from_args(args: argparse.Namespace) -> RunParameters:
@@ -312,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         print(json.dumps({"status": "invalid", "error": str(error)}))
         return 2
+    if not os.environ.get("PREFECT_API_URL"):
+        summary = everything_cached(config, params)
+        if summary is not None:
+            print(json.dumps(summary))
+            return 0
     state = rlhf(params, return_state=True)
     if state.is_completed():
         print(json.dumps(state.result()))

@@ -33,12 +33,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from pipeline_lib.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from pipeline_lib.config import PipelineConfig, TrainSection
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,6 +65,7 @@ def adapter_info(path: str | Path) -> dict[str, Any]:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    from torch import nn
     from transformers.pytorch_utils import Conv1D  # GPT-2 style models' linear layers
 
     return isinstance(module, (nn.Linear, Conv1D))
@@ -165,6 +166,7 @@ def check_targets(config: "PipelineConfig", base_model_dir: Path, stages: list[s
     """The target modules of every LoRA stage in ``stages`` (None: all), resolved on the
     base model's architecture built on the meta device (no weights read), so a bad name
     fails before any training."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     lora_stages = {
@@ -183,7 +185,7 @@ def check_targets(config: "PipelineConfig", base_model_dir: Path, stages: list[s
         target_module_names(model, stage, section)
 
 
-def load_merged(path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_merged(path: Path, trust_remote_code: bool = False, dtype: "torch.dtype | None" = None) -> nn.Module:
     """A published adapter as a plain transformers model: its base with the adapter merged in."""
     from peft import PeftModel
 
@@ -198,7 +200,8 @@ def load_merged(path: Path, trust_remote_code: bool = False, dtype: torch.dtype 
         )
     else:
         base = models.load_causal_lm(Path(info["base_model"]), trust_remote_code)
-    return PeftModel.from_pretrained(base, path).merge_and_unload().to(dtype)
+    merged = PeftModel.from_pretrained(base, path).merge_and_unload()
+    return merged if dtype is None else merged.to(dtype)
 
 
 def publish(model, out_dir: Path, start_dir: Path, merge: bool) -> dict[str, Any]:
@@ -255,6 +258,7 @@ def _concatenate_start_adapter(out_dir: Path, start_dir: Path, present: set[str]
     at the end of every such stage); this works on the two small weight files alone.
     Modules of the start's adapter that the stage's model lacks (a reward model keeping
     the bottom reward.num_layers layers) are left out."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     new_config = json.loads((out_dir / ADAPTER_CONFIG).read_text())

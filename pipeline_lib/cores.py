@@ -22,8 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-import transformers
 
 _active: tuple[Path, int] | None = None
 
@@ -64,6 +62,8 @@ def share(directory: Path, cores: int) -> int:
 
 def apply_share() -> int | None:
     """Set torch's threads to this stage's current share; None outside ``running``."""
+    import torch
+
     if _active is None:
         return None
     threads = share(*_active)
@@ -86,10 +86,3 @@ def running(directory: Path, stage: str, cores: int | None = None) -> Iterator[i
     finally:
         _active = None
         marker.unlink(missing_ok=True)
-
-
-class ShareCores(transformers.TrainerCallback):
-    """Re-balance torch's threads after every optimizer step (see the module docstring)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        apply_share()

@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline_lib.config import ACCELERATE_CONFIGS, PipelineConfig
 from pipeline_lib.errors import ConfigError, StageFailed
@@ -126,9 +126,12 @@ def _zero_stage(config: PipelineConfig) -> int | None:
 
 
 def check_launch_here(config: PipelineConfig) -> None:
-    """``launch`` against this machine."""
+    """``launch`` against this machine (one process: the names only, without importing torch)."""
     import importlib.util
 
+    if config.launch.num_processes == 1:
+        check_launch(config, 0, os.cpu_count() or 1, False)
+        return
     import torch
 
     check_launch(
@@ -200,14 +203,22 @@ def launch_command(config: PipelineConfig, request: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _forward(stream) -> None:
-    """Re-emit rank 0's log records in this process; pass anything else through as a line."""
+def _forward(stream, on_progress=None) -> None:
+    """Re-emit rank 0's log records in this process (their progress to ``on_progress``);
+    pass anything else through as a line."""
+    from pipeline_lib.launch import forward_progress
+
     for line in stream:
         line = line.rstrip("\n")
         if line.startswith(LOG_PREFIX):
             try:
-                record = json.loads(line[len(LOG_PREFIX):])
-                logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
+                payload = json.loads(line[len(LOG_PREFIX):])
+                extra = {"progress": payload["progress"]} if "progress" in payload else None
+                record = logging.getLogger(payload["name"]).makeRecord(
+                    payload["name"], payload["level"], "(rank 0)", 0, "%s", (payload["message"],), None, extra=extra
+                )
+                logging.getLogger(payload["name"]).handle(record)
+                forward_progress(record, on_progress)
                 continue
             except (ValueError, KeyError, TypeError):
                 pass
@@ -248,7 +259,12 @@ def _rank_errors(launch_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_stage_distributed(
-    stage_name: str, config_json: dict[str, Any], inputs: dict[str, Path], out_dir: Path, cores_dir: Path
+    stage_name: str,
+    config_json: dict[str, Any],
+    inputs: dict[str, Path],
+    out_dir: Path,
+    cores_dir: Path,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``registry.stage(stage_name).run`` on ``launch.num_processes`` processes; return rank 0's metrics.
 
@@ -278,7 +294,7 @@ def run_stage_distributed(
     # The log reader runs in this thread's context, so Prefect files the records under this task run.
     in_this_context = contextvars.copy_context().run
     readers = [
-        threading.Thread(target=in_this_context, args=(_forward, process.stdout), name=f"logs-{stage_name}", daemon=True),
+        threading.Thread(target=in_this_context, args=(_forward, process.stdout, on_progress), name=f"logs-{stage_name}", daemon=True),
         threading.Thread(target=_pass_through, args=(process.stderr, stderr_tail), name=f"stderr-{stage_name}", daemon=True),
     ]
     for reader in readers:

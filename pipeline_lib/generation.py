@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
-import torch
+from pipeline_lib import progress
+
+if TYPE_CHECKING:
+    import torch
+
+
+def no_grad(function):
+    """``torch.no_grad()`` as a decorator that imports torch when called, not when this
+    module is imported (listing and planning the stages never load torch)."""
+
+    @functools.wraps(function)
+    def without_gradients(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return function(*args, **kwargs)
+
+    return without_gradients
 
 
 def chat_messages(prompt: str, system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -35,6 +54,8 @@ def scored_sequence_ids(tokenizer, prompt: str, response: str, system_prompt: st
 def _autocast_for(model):
     """bf16 autocast for a model whose bf16 weights sit beside float32 ones (the layers or
     adapters that train stay float32 under ``precision: bf16``); no-op otherwise."""
+    import torch
+
     dtypes = {parameter.dtype for parameter in model.parameters()}
     if torch.bfloat16 in dtypes and len(dtypes) > 1:
         return torch.autocast(device_type=model.device.type, dtype=torch.bfloat16)
@@ -42,6 +63,8 @@ def _autocast_for(model):
 
 
 def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -51,7 +74,7 @@ def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
-@torch.no_grad()
+@no_grad
 def generate_responses(
     model,
     tokenizer,
@@ -64,10 +87,12 @@ def generate_responses(
     system_prompt: str | None = None,
 ) -> list[list[str]]:
     """``num_return_sequences`` responses per prompt; greedy when temperature is 0."""
+    import torch
+
     model.eval()
     torch.manual_seed(seed)
     results: list[list[str]] = []
-    for start in range(0, len(prompts), batch_size):
+    for start in progress.batches(len(prompts), batch_size, "generating"):
         batch = prompts[start : start + batch_size]
         ids, mask = _left_pad([chat_prompt_ids(tokenizer, prompt, system_prompt) for prompt in batch], tokenizer.pad_token_id)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
@@ -89,14 +114,16 @@ def generate_responses(
     return results
 
 
-@torch.no_grad()
+@no_grad
 def response_logprobs(
     model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16, system_prompt: str | None = None
 ) -> list[float]:
     """Sum over response tokens of log p(token | prompt, earlier tokens) under ``model``."""
+    import torch
+
     model.eval()
     totals: list[float] = []
-    for start in range(0, len(prompts), batch_size):
+    for start in progress.batches(len(prompts), batch_size, "log-probabilities"):
         prompt_ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in prompts[start : start + batch_size]]
         answers = [response_ids(tokenizer, r) for r in responses[start : start + batch_size]]
         ids, mask = _left_pad([p + r for p, r in zip(prompt_ids, answers)], tokenizer.pad_token_id)
@@ -109,14 +136,16 @@ def response_logprobs(
     return totals
 
 
-@torch.no_grad()
+@no_grad
 def reward_scores(
     reward_model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16, system_prompt: str | None = None
 ) -> list[float]:
     """Scalar reward of each (prompt, response), laid out as ``scored_sequence_ids``."""
+    import torch
+
     reward_model.eval()
     scores: list[float] = []
-    for start in range(0, len(prompts), batch_size):
+    for start in progress.batches(len(prompts), batch_size, "reward scores"):
         sequences = [
             scored_sequence_ids(tokenizer, p, r, system_prompt)
             for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])

@@ -32,7 +32,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -127,9 +127,15 @@ def _describe_exit(stage_name: str, pid: int, exitcode: int | None) -> str:
 
 
 def run_stage_process(
-    stage_name: str, config_json: dict[str, Any], inputs: dict[str, Path], out_dir: Path, cores_dir: Path
+    stage_name: str,
+    config_json: dict[str, Any],
+    inputs: dict[str, Path],
+    out_dir: Path,
+    cores_dir: Path,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``registry.stage(stage_name).run`` in a child process; return its metrics.
+    ``on_progress`` gets the progress of each record that carries one (pipeline_lib/progress.py).
 
     Raises ``StageFailed`` naming the stage with the child's own error message, or with the
     signal that ended it."""
@@ -148,7 +154,7 @@ def run_stage_process(
     outcome: dict[str, Any] | None = None
     try:
         while outcome is None:
-            _forward_logs(logs)
+            _forward_logs(logs, on_progress)
             if not threading.main_thread().is_alive():
                 # The flow's process is shutting down (SIGTERM, as a cancel from the UI sends):
                 # the stage stops with it instead of training on unobserved.
@@ -167,7 +173,7 @@ def run_stage_process(
             process.kill()
             process.join()
         _live.discard(process)
-        _forward_logs(logs)
+        _forward_logs(logs, on_progress)
     if outcome is None:
         raise StageFailed(_describe_exit(stage_name, process.pid, process.exitcode))
     if "error" in outcome:
@@ -213,10 +219,21 @@ def stages_stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _forward_logs(logs) -> None:
+def _forward_logs(logs, on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
     while True:
         try:
             record = logs.get_nowait()
         except queue_module.Empty:
             return
         logging.getLogger(record.name).handle(record)
+        forward_progress(record, on_progress)
+
+
+def forward_progress(record: logging.LogRecord, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+    """Hand a record's progress to ``on_progress``; a failure there never stops a stage."""
+    progress = getattr(record, "progress", None)
+    if on_progress is not None and isinstance(progress, dict):
+        try:
+            on_progress(progress)
+        except Exception:
+            logging.getLogger(__name__).debug("progress not shown", exc_info=True)

@@ -18,13 +18,15 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from pipeline_lib.config import ModelSection
 from pipeline_lib.errors import ModelError
 from pipeline_lib.store import sha256_file, sha256_text
+
+if TYPE_CHECKING:  # torch is imported where it is used: planning and --help never load it
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ def _save_atomically(target: Path, save) -> Path:
 
 
 def _convert_embedded_smollm2(target: Path) -> Path:
+    import torch
+
     if (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -153,6 +157,8 @@ def build_tiny_tokenizer(corpus: list[str], vocab_size: int = 512):
 
 
 def _build_tiny_llama(target: Path, corpus: list[str]) -> Path:
+    import torch
+
     if (target / "model.safetensors").is_file():
         return target
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -233,25 +239,34 @@ def torch_dtype(precision: str) -> torch.dtype:
     """The dtype models are loaded in for a ``precision`` setting. fp16 keeps float32
     weights: it is autocast only, since the trainer's loss scaler cannot unscale fp16
     gradients of fp16 parameters."""
+    import torch
+
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def upcast_trainable(model: nn.Module) -> None:
     """Parameters that train are kept in float32 while frozen ones stay in bf16: AdamW's
     small updates vanish when rounded to bf16 (1.0 - 1e-4 is 1.0 in bf16)."""
+    import torch
+
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
             parameter.data = parameter.data.float()
 
 
 def compute_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_causal_lm(path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+def load_causal_lm(path: Path, trust_remote_code: bool = False, dtype: "torch.dtype | None" = None):
     """A causal LM from a full-weights directory, or from a LoRA adapter directory (its base
-    with the adapter merged in; see ``adapters``), on the compute device."""
+    with the adapter merged in; see ``adapters``), on the compute device (float32 unless ``dtype``)."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
 
     from pipeline_lib import adapters
 
@@ -266,15 +281,18 @@ def load_sequence_classifier(
     pad_token_id: int,
     trust_remote_code: bool = False,
     num_layers: int = 0,
-    dtype: torch.dtype = torch.float32,
+    dtype: "torch.dtype | None" = None,
 ):
     """A scalar-head model (reward or value model) from a causal LM or reward-model directory
     (full weights or a LoRA adapter).
 
     ``num_layers`` > 0 keeps only the bottom that many decoder layers (a shallower reward
-    model, cheaper to train and to run inside PPO); 0 keeps them all.
+    model, cheaper to train and to run inside PPO); 0 keeps them all. float32 unless ``dtype``.
     """
+    import torch
     from transformers import AutoModelForSequenceClassification
+
+    dtype = torch.float32 if dtype is None else dtype
 
     from pipeline_lib import adapters
 
@@ -302,6 +320,7 @@ def load_sequence_classifier(
 def _sequence_classifier_from(causal, pad_token_id: int, num_layers: int, trust_remote_code: bool, dtype: torch.dtype):
     """A scalar-head model whose backbone is an in-memory causal LM's (its bottom
     ``num_layers`` layers when > 0), as ``from_pretrained`` on its saved weights would build."""
+    import torch
     import copy
 
     from transformers import AutoModelForSequenceClassification
@@ -330,6 +349,8 @@ def num_decoder_layers(model_dir: Path) -> int:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of decoder blocks: the ModuleList as long as the config's layer count."""
+    from torch import nn
+
     count = model.config.num_hidden_layers
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) == count:
@@ -344,6 +365,8 @@ def freeze_all_but_top_k(model: nn.Module, top_k: int) -> dict[str, int]:
     the embeddings and a tied LM head stay frozen.
     Returns trainable and total parameter counts.
     """
+    from torch import nn
+
     if top_k > 0:
         layers = decoder_layers(model)
         if top_k > len(layers):

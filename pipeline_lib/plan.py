@@ -344,7 +344,10 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
 
 
 def check_precision_here(config: PipelineConfig) -> None:
-    """``precision`` against this machine's GPU (or its absence)."""
+    """``precision`` against this machine's GPU (or its absence); fp32 runs anywhere, and
+    is checked without importing torch."""
+    if config.precision == "fp32":
+        return
     import torch
 
     cuda = torch.cuda.is_available()

@@ -29,6 +29,8 @@ class _StdoutRecords(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             payload = {"name": record.name, "level": record.levelno, "message": record.getMessage()}
+            if isinstance(getattr(record, "progress", None), dict):
+                payload["progress"] = record.progress
             if record.exc_info:
                 payload["message"] += "\n" + "".join(traceback.format_exception(*record.exc_info))
             sys.stdout.write(LOG_PREFIX + json.dumps(payload) + "\n")

@@ -32,6 +32,11 @@ def stages() -> dict[str, Stage]:
     """Every declared stage by name, each after all the stages it reads."""
     declared: dict[str, Stage] = {}
     for info in pkgutil.iter_modules(stage_package.__path__):
+        source = Path(info.module_finder.path) / f"{info.name}.py"
+        if source.is_file() and "\nSTAGE = Stage(" not in source.read_text():
+            # A helper of the stages (training, reward_groups, callbacks): not imported to
+            # list them, so that listing and planning stay free of torch and TRL.
+            continue
         module = importlib.import_module(f"{stage_package.__name__}.{info.name}")
         candidate = getattr(module, "STAGE", None)
         if isinstance(candidate, Stage):

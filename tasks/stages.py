@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from pydantic import BaseModel
 
@@ -28,6 +28,7 @@ from pipeline_lib.config import PipelineConfig
 from pipeline_lib.distributed import run_stage_distributed
 from pipeline_lib.launch import run_stage_process
 from pipeline_lib.plan import store_for
+from pipeline_lib.progress import percent
 from pipeline_lib.registry import BASE_MODEL
 from tasks.locking import ProcessBoundLockManager
 
@@ -89,6 +90,24 @@ def execute(
     return StageResult(stage=stage, key=key, path=str(output.path), metrics=metrics)
 
 
+class ProgressArtifacts:
+    """The stage's progress in the Prefect UI: one progress artifact per thing it reports
+    (``data_prep: generating``, ``sft training``, ``evaluate dpo: generating``, ...), created
+    at its first report and updated as the stage goes (pipeline_lib/progress.py)."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.artifacts: dict[str, Any] = {}
+
+    def __call__(self, report: dict[str, Any]) -> None:
+        label, done = str(report.get("label", self.stage)), percent(report)
+        description = f"{label}: {report.get('done')}/{report.get('total')}"
+        if label not in self.artifacts:
+            self.artifacts[label] = create_progress_artifact(done, description=description)
+        else:
+            update_progress_artifact(self.artifacts[label], done, description=description)
+
+
 # One task for every stage; the flow names each run after its stage (``stage_task``).
 TASK_OPTIONS = dict(persist_result=True, retries=0, task_run_name="{stage_name}-{key:.12}")
 
@@ -110,7 +129,8 @@ def run_stage(
             get_run_logger().info("%s: runs on one process (launch.num_processes applies to %s)", stage_name,
                                   ", ".join(name for name in registry.stage_names() if registry.stage(name).distributed))
         run = run_stage_distributed if several else run_stage_process
-        return run(stage_name, config.model_dump(mode="json"), inputs, out_dir, prefect_dir(config) / "running")
+        config_json, cores_dir = config.model_dump(mode="json"), prefect_dir(config) / "running"
+        return run(stage_name, config_json, inputs, out_dir, cores_dir, on_progress=ProgressArtifacts(stage_name))
 
     return execute(stage_name, key, config, upstream, train, rerun)
 

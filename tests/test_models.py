@@ -205,7 +205,7 @@ def test_ppo_scores_a_cut_off_rollout_as_evaluation_does(tiny_base_model: Path) 
     from trl.experimental.utils import get_reward
 
     from pipeline_lib.generation import chat_prompt_ids, response_ids, reward_scores
-    from pipeline_lib.stages.ppo import EosClosedReward
+    from pipeline_lib.stages.ppo_reward import EosClosedReward
 
     tokenizer = load_tokenizer(tiny_base_model)
     model = load_sequence_classifier(tiny_base_model, tokenizer.pad_token_id)

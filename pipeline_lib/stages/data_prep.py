@@ -35,23 +35,25 @@ def _sample_pairs(
 
     Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes;
     policy pairs over the samples alone."""
+    from pipeline_lib import progress
     from pipeline_lib.generation import generate_responses
     from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
 
     data = config.data
     tokenizer = load_tokenizer(base_model_dir)
     model = load_causal_lm(base_model_dir, config.model.trust_remote_code, torch_dtype(config.precision))
-    samples = generate_responses(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=data.sample_max_new_tokens,
-        temperature=data.sample_temperature,
-        num_return_sequences=data.samples_per_prompt,
-        batch_size=16,
-        seed=seed,
-        system_prompt=config.model.system_prompt,
-    )
+    with progress.phase("data_prep"):
+        samples = generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=data.sample_max_new_tokens,
+            temperature=data.sample_temperature,
+            num_return_sequences=data.samples_per_prompt,
+            batch_size=16,
+            seed=seed,
+            system_prompt=config.model.system_prompt,
+        )
     policy_pairs, reward_pairs = [], []
     for prompt, texts in zip(prompts, samples):
         policy_pairs += sentiment_task.rank_samples(prompt, texts, data.pair_margin, data.pairs_per_prompt)

@@ -24,6 +24,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
+from pipeline_lib import progress
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.data.files import EMBEDDED_SENTIMENT, data_card, read_prompts, read_split, write_jsonl
@@ -69,6 +70,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # --- generate and score every policy
     per_policy: dict[str, dict[str, list]] = {}
     for name in policies:
+        progress.set_phase(f"evaluate {name}")
         model = sft_model if name == "sft" else load_causal_lm(policies[name], dtype=dtype)
         responses = [
             texts[0]
@@ -94,6 +96,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
             "kl": sequence_kl(logprobs, sft_logprobs),
         }
         logger.info("evaluate: %s done", name)
+    progress.set_phase(None)
 
     # --- aggregate
     sft_rewards = per_policy["sft"]["reward"]

@@ -21,11 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-import transformers
-
 from pipeline_lib import adapters, tracking
-from pipeline_lib.cores import ShareCores
 from pipeline_lib.config import PipelineConfig, TrainSection
 from pipeline_lib.distributed import is_main_process, sharded_weights
 from pipeline_lib.errors import StageFailed
@@ -35,6 +31,9 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+    import transformers
+
     transformers.set_seed(seed)
     torch.use_deterministic_algorithms(False)
 
@@ -48,6 +47,8 @@ def learning_rate(section: TrainSection) -> float:
 
 def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_dir: Path) -> dict[str, Any]:
     """Keyword arguments shared by TRL's SFTConfig, RewardConfig, DPOConfig and PPOConfig."""
+    import torch
+
     return {
         "output_dir": str(Path(out_dir) / CHECKPOINT_DIR),
         "num_train_epochs": section.num_train_epochs,
@@ -74,19 +75,6 @@ def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_
     }
 
 
-class StepProgress(transformers.TrainerCallback):
-    """Logs ``stage: step i/n, loss`` through standard logging, so step progress reaches the
-    Prefect UI (the flow forwards ``pipeline_lib`` loggers) and not only a terminal's tqdm."""
-
-    def __init__(self, stage: str):
-        self.stage = stage
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = next((value for key, value in (logs or {}).items() if key.endswith("loss")), None)
-        shown = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
-        logger.info("%s: step %d/%d%s", self.stage, state.global_step, state.max_steps, shown)
-
-
 def latest_checkpoint(out_dir: Path) -> str | None:
     checkpoints = sorted(
         (Path(out_dir) / CHECKPOINT_DIR).glob("checkpoint-*"),
@@ -106,6 +94,8 @@ def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> 
     if examples is not None and len(examples) == 0:
         # TRL drops examples longer than max_length before training; say so, not "num_samples=0".
         raise no_example_fits(stage, getattr(trainer.args, "max_length", None))
+    from pipeline_lib.stages.callbacks import ShareCores, StepProgress
+
     trainer.add_callback(StepProgress(stage))
     trainer.add_callback(ShareCores())
     checkpoint = latest_checkpoint(out_dir) if resume else None
@@ -191,6 +181,7 @@ def save_model(
     Called on every rank. Under an engine that shards the weights (FSDP, DeepSpeed ZeRO-3)
     the trainer's own ``save_model`` gathers them (a collective) and rank 0 writes them;
     otherwise rank 0 holds the whole model and writes it alone."""
+    import torch
     from peft import PeftModel
 
     out_dir = Path(out_dir)

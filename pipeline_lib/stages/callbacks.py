@@ -1,0 +1,36 @@
+"""The trainer callbacks every training stage adds (``training.train_resumable``): step
+progress in the logs and the Prefect UI, and the cores shared with stages running beside it.
+A module of their own so that importing a stage (to list or plan it) does not import
+transformers."""
+
+from __future__ import annotations
+
+import logging
+
+import transformers
+
+from pipeline_lib.cores import apply_share
+
+logger = logging.getLogger("pipeline_lib.stages.training")  # where these lines have always been logged
+
+
+class StepProgress(transformers.TrainerCallback):
+    """Logs ``stage: step i/n, loss`` through standard logging, so step progress reaches the
+    Prefect UI (the flow forwards ``pipeline_lib`` loggers) and not only a terminal's tqdm."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = next((value for key, value in (logs or {}).items() if key.endswith("loss")), None)
+        shown = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+        # ``progress``: the flow shows it as the stage's progress artifact (pipeline_lib/progress.py).
+        steps = {"label": f"{self.stage} training", "done": state.global_step, "total": state.max_steps}
+        logger.info("%s: step %d/%d%s", self.stage, state.global_step, state.max_steps, shown, extra={"progress": steps})
+
+
+class ShareCores(transformers.TrainerCallback):
+    """Re-balance torch's threads after every optimizer step (see pipeline_lib/cores.py)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        apply_share()
