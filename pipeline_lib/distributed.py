@@ -44,6 +44,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline_lib import progress
 from pipeline_lib.config import ACCELERATE_CONFIGS, PipelineConfig
 from pipeline_lib.errors import ConfigError, StageFailed
 
@@ -206,8 +207,6 @@ def launch_command(config: PipelineConfig, request: Path) -> list[str]:
 def _forward(stream, on_progress=None) -> None:
     """Re-emit rank 0's log records in this process (their progress to ``on_progress``);
     pass anything else through as a line."""
-    from pipeline_lib.launch import forward_progress
-
     for line in stream:
         line = line.rstrip("\n")
         if line.startswith(LOG_PREFIX):
@@ -218,7 +217,7 @@ def _forward(stream, on_progress=None) -> None:
                     payload["name"], payload["level"], "(rank 0)", 0, "%s", (payload["message"],), None, extra=extra
                 )
                 logging.getLogger(payload["name"]).handle(record)
-                forward_progress(record, on_progress)
+                progress.forward(record, on_progress)
                 continue
             except (ValueError, KeyError, TypeError):
                 pass

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline_lib import progress
 from pipeline_lib.cores import process_alive
 from pipeline_lib.errors import PipelineError, StageFailed
 
@@ -226,14 +227,4 @@ def _forward_logs(logs, on_progress: Callable[[dict[str, Any]], None] | None = N
         except queue_module.Empty:
             return
         logging.getLogger(record.name).handle(record)
-        forward_progress(record, on_progress)
-
-
-def forward_progress(record: logging.LogRecord, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
-    """Hand a record's progress to ``on_progress``; a failure there never stops a stage."""
-    progress = getattr(record, "progress", None)
-    if on_progress is not None and isinstance(progress, dict):
-        try:
-            on_progress(progress)
-        except Exception:
-            logging.getLogger(__name__).debug("progress not shown", exc_info=True)
+        progress.forward(record, on_progress)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 logger = logging.getLogger(__name__)
 EVERY_SECONDS = 5.0  # the least time between two progress records of one label
@@ -85,3 +86,13 @@ def percent(progress: dict) -> float:
     """A progress record's share done, 0-100."""
     total = progress.get("total") or 0
     return 100.0 * min(progress.get("done", 0), total) / total if total else 100.0
+
+
+def forward(record: logging.LogRecord, on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+    """Hand a record's progress to ``on_progress``; a failure there never stops a stage."""
+    progress = getattr(record, "progress", None)
+    if on_progress is not None and isinstance(progress, dict):
+        try:
+            on_progress(progress)
+        except Exception:
+            logger.debug("progress not shown", exc_info=True)

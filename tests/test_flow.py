@@ -87,12 +87,12 @@ def test_full_flow_then_everything_cached(harness, tmp_path):
     assert "rlhf-metrics" in by_key
     links = [artifact.data for artifact in found if "](file://" in str(artifact.data)]
     assert len(links) == len(ALL_STAGES)
-    # Progress a person can watch: sampling, every training stage's steps, evaluation, each finished at 100%.
+    # Progress a person can watch: every training stage's steps and evaluation, each finished at 100%.
     progress = {
         artifact.description.rpartition(":")[0]: artifact.data for artifact in found if artifact.type == "progress" and not artifact.key
     }
     trained = {f"{name} training" for name in ALL_STAGES if name not in ("data_prep", "evaluate")}
-    assert {"data_prep: generating", "evaluate sft: generating", "evaluate dpo: reward scores", *trained} <= set(progress), progress
+    assert {"evaluate sft: generating", "evaluate dpo: reward scores", *trained} <= set(progress), progress
     assert all(value == 100.0 for value in progress.values()), progress
 
     before = published(tmp_path)
