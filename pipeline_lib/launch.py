@@ -93,7 +93,15 @@ def _end_with(flow_pid: int, every_seconds: float = 1.0) -> None:
 
 
 def _child(
-    stage_name: str, config_json: dict[str, Any], inputs: dict[str, str], out_dir: str, cores_dir: str, flow_pid: int, logs, results
+    stage_name: str,
+    config_json: dict[str, Any],
+    inputs: dict[str, str],
+    out_dir: str,
+    cores_dir: str | None,
+    threads: int | None,
+    flow_pid: int,
+    logs,
+    results,
 ) -> None:
     _end_with(flow_pid)
     handler = logging.handlers.QueueHandler(logs)
@@ -107,8 +115,10 @@ def _child(
 
         config = PipelineConfig.model_validate(config_json)
         stage = registry.stage(stage_name)
-        with cores.running(Path(cores_dir), stage_name) as threads:
-            project_logger.info("%s: stage process %d started (%d torch threads)", stage_name, os.getpid(), threads)
+        # Cores granted by a scheduler (Ray), else a share of this machine's among its stages.
+        threads_of_stage = cores.granted(threads) if threads is not None else cores.running(Path(cores_dir), stage_name)
+        with threads_of_stage as used:
+            project_logger.info("%s: stage process %d started (%d torch threads)", stage_name, os.getpid(), used)
             metrics = stage.run(config, {name: Path(path) for name, path in inputs.items()}, Path(out_dir))
         results.put({"metrics": metrics})
     except BaseException as error:  # everything goes back to the parent, which raises it
@@ -127,9 +137,17 @@ def _describe_exit(stage_name: str, pid: int, exitcode: int | None) -> str:
 
 
 def run_stage_process(
-    stage_name: str, config_json: dict[str, Any], inputs: dict[str, Path], out_dir: Path, cores_dir: Path
+    stage_name: str,
+    config_json: dict[str, Any],
+    inputs: dict[str, Path],
+    out_dir: Path,
+    cores_dir: Path | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run ``registry.stage(stage_name).run`` in a child process; return its metrics.
+
+    The stage's torch threads: ``threads`` when a scheduler granted it cores (Ray), else
+    its share of this machine's cores among the stages registered in ``cores_dir``.
 
     Raises ``StageFailed`` naming the stage with the child's own error message, or with the
     signal that ended it."""
@@ -138,8 +156,8 @@ def run_stage_process(
     process = context.Process(
         target=_child,
         args=(
-            stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir), str(cores_dir),
-            os.getpid(), logs, results,
+            stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir),
+            None if cores_dir is None else str(cores_dir), threads, os.getpid(), logs, results,
         ),
         name=f"stage-{stage_name}",
     )

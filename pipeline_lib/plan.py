@@ -27,6 +27,7 @@ from pipeline_lib import models, registry
 from pipeline_lib.config import ConfigError, PipelineConfig, check_precision, check_top_k
 from pipeline_lib.data import schemas, sentiment_task, sources
 from pipeline_lib.errors import ModelError
+from pipeline_lib.execution import check_execution
 from pipeline_lib.store import Store, sha256_text, stage_key
 
 
@@ -307,7 +308,8 @@ def _check_local_model(config: PipelineConfig, stages: list[str]) -> None:
 
 def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str | list[str] | None = None) -> list[HubDownload]:
     """What can be checked without training, checked before any stage starts: the output
-    root, the stages the config names, the embedded task's sizes, a local model directory
+    root, the stages the config names, where stages run (execution: resources name known
+    stages, a real run's Ray cluster answers), the embedded task's sizes, a local model directory
     and its depth, every local data file (read, normalised and validated in full, so a bad
     row fails here naming file, row and field), and each hub model and dataset (nothing
     is downloaded). Returns the hub items a run reads (``hub_downloads``, checked).
@@ -320,6 +322,8 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
         raise ConfigError(f"output_root: {root} exists and is not a directory")
     parse_stage_list(config.stages, what="stages")
     included = closure(parse_stage_list(stages, config.stages, "stages"))
+    # Resources name known stages; a real run's Ray cluster answers (in seconds, not ray.init's minute).
+    check_execution(config, registry.stage_names(), connect=not dry_run)
     check_precision_here(config)
     data = config.data
     if sources.is_embedded(data.source):
