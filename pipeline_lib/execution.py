@@ -95,10 +95,10 @@ def check_ray_answers(address: str, timeout: float) -> None:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as error:
-        reason = "no answer" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
+        reason = f"no answer within {timeout:g}s" if isinstance(error, TimeoutError) else (error.strerror or type(error).__name__)
         raise ConfigError(
-            f"execution.ray_address: the Ray cluster at {address!r} does not answer ({host}:{port}: {reason} within "
-            f"{timeout:g}s); start it (ray start --head) or fix the address, or unset it for a local Ray"
+            f"execution.ray_address: the Ray cluster at {address!r} does not answer ({host}:{port}: {reason}); "
+            "start it (ray start --head) or fix the address, or unset it for a local Ray"
         ) from None
 
 

@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = set(registry.stage_names())
 
 
-@pytest.fixture(scope="session")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def run_flow(output_root: Path, **fields):
     params = RunParameters(preset="tiny", output_root=str(output_root), **fields)
     return rlhf(params, return_state=True)
