@@ -73,7 +73,7 @@ from pipeline_lib.plan import (
     parse_stage_list,
 )
 from pipeline_lib.registry import stage_names
-from tasks.runners import api_for_workers, placed, task_runner_for
+from tasks.runners import api_for_workers, placed, record_lost_task_run, task_runner_for
 from tasks.stages import StageResult, prefect_dir, stage_cache_policy, stage_task
 
 Preset = Enum("Preset", {name: name for name in available_presets()}, type=str)
@@ -205,6 +205,7 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
                     results[name] = results[name].model_copy(update={"trained": False})
             else:
                 failures[name] = failure_message(future.state)
+                record_lost_task_run(future)
             update_progress_artifact(progress, 100.0 * (len(results) + len(failures)) / len(futures))
     publish_artifacts(plan, results)
     summary = run_summary(plan, results, failures)

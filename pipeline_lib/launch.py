@@ -99,11 +99,19 @@ def _child(
     out_dir: str,
     cores_dir: str | None,
     threads: int | None,
+    devices: str | None,
     flow_pid: int,
     logs,
     results,
 ) -> None:
     _end_with(flow_pid)
+    # The GPUs of the caller now (Ray sets them per task), not those the fork server was
+    # started with: a reused Ray worker's earlier task may have had others. CUDA reads this
+    # when it initialises, which the fork server never does.
+    if devices is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
     handler = logging.handlers.QueueHandler(logs)
     project_logger = logging.getLogger("pipeline_lib")
     project_logger.handlers[:] = [handler]
@@ -157,7 +165,8 @@ def run_stage_process(
         target=_child,
         args=(
             stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir),
-            None if cores_dir is None else str(cores_dir), threads, os.getpid(), logs, results,
+            None if cores_dir is None else str(cores_dir), threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
+            os.getpid(), logs, results,
         ),
         name=f"stage-{stage_name}",
     )

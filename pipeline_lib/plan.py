@@ -346,7 +346,17 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
 
 
 def check_precision_here(config: PipelineConfig) -> None:
-    """``precision`` against this machine's GPU (or its absence)."""
+    """``precision`` against this machine's GPU (or its absence). Under Ray the stages
+    run where Ray places them, so this machine's GPU says nothing: fp16 then needs every
+    training stage to ask for a GPU (bf16 on a GPU without it fails on its node)."""
+    if config.execution.runner == "ray":
+        without_gpu = [name for name in config.train_sections() if config.execution.resources_for(name).gpus == 0]
+        if config.precision == "fp16" and without_gpu:
+            raise ConfigError(
+                f"precision: 'fp16' needs a CUDA GPU, and under Ray stage(s) {without_gpu} ask for none; "
+                "set execution.resources.gpus (or execution.stage_resources.<stage>.gpus)"
+            )
+        return
     import torch
 
     cuda = torch.cuda.is_available()

@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
+from prefect import get_client
 from prefect.context import FlowRunContext
+from prefect.states import Crashed
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -64,3 +66,15 @@ def api_for_workers(config: PipelineConfig) -> Iterator[None]:
         return
     with temporary_settings({PREFECT_API_URL: str(context.client.api_url)}):
         yield
+
+
+def record_lost_task_run(future) -> None:
+    """A task whose Ray worker died (killed, out of memory, its node lost) never reports
+    its end, and the API would show it Running forever: record the crash the flow saw."""
+    state = future.state
+    if not state.is_crashed():
+        return
+    with get_client(sync_client=True) as client:
+        current = client.read_task_run(future.task_run_id).state
+        if current is None or not current.is_final():
+            client.set_task_run_state(future.task_run_id, Crashed(message=state.message), force=True)

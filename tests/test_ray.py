@@ -137,6 +137,8 @@ def test_a_ray_worker_killed_mid_stage_then_the_rerun_resumes_it(first_run, ray_
     assert killed, "DPO wrote no checkpoint, or its Ray worker was not found"
     assert interrupted.is_failed()
     assert "stage dpo failed" in str(interrupted.message), interrupted.message
+    # The lost task run ends Crashed in the API, not Running forever.
+    assert task_states(interrupted)["dpo"] == "CRASHED"
     dpo_outputs = list((root / "store" / "dpo").glob("*/manifest.json"))
 
     resumed = run_flow(root, ray_cluster, long_dpo, stages=["dpo"])
@@ -146,6 +148,21 @@ def test_a_ray_worker_killed_mid_stage_then_the_rerun_resumes_it(first_run, ray_
     manifest = json.loads((Path(summary["stages"]["dpo"]["path"]) / "manifest.json").read_text())
     assert manifest["metrics"]["resumed_from_checkpoint"] is True
     assert len(list((root / "store" / "dpo").glob("*/manifest.json"))) == len(dpo_outputs) + 1
+
+
+def task_states(state) -> dict[str, str]:
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            runs = await client.read_task_runs(flow_run_filter=this_run)
+            return {run.name.split("-")[0]: run.state.type.value for run in runs}
+
+    return asyncio.run(read())
 
 
 def closed_port() -> int:
