@@ -8,8 +8,9 @@ the config asks for it.
   ``execution.connect_timeout`` seconds (a TCP connection to its head), so a wrong
   address fails in seconds with a message naming it instead of hanging in ``ray.init``.
 * ``mark_store`` / ``check_store_visible``: the output root is the one storage every
-  worker must see. The flow writes a fresh identity file into it at the start of a run
-  and every stage checks it before it reads or writes anything there: a node where the
+  worker must see. It carries an identity file (written by the first run there, then
+  kept), which the flow reads at the start of a run and every stage checks before it
+  reads or writes anything there: a node where the
   path is missing, or where the same path is a different (local) directory, fails
   naming the output root and the host, not with a missing-file error deep in a stage.
 * ``placement``: where this process runs (host, pid, and the Ray node and worker when
@@ -24,6 +25,7 @@ import math
 import os
 import socket
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from urllib.parse import urlsplit
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.errors import ConfigError, StoreError
 
-# Inside the output root; rewritten by every run, read by every stage of it.
+# Inside the output root; written once, read by every run and every stage.
 STORE_ID_FILE = "store-id"
 RAY_CLIENT_PORT = 10001
 
@@ -114,14 +116,24 @@ def ray_remote_options(config: PipelineConfig, stage: str) -> dict[str, Any]:
 
 
 def mark_store(output_root: Path) -> str:
-    """Give the output root a fresh identity for this run; returns it."""
+    """The output root's identity, given by the first run that writes there and kept
+    (runs side by side on one root must agree on it); returns it."""
     root = Path(output_root)
     root.mkdir(parents=True, exist_ok=True)
-    identity = uuid.uuid4().hex
-    staging = root / f".{STORE_ID_FILE}.{os.getpid()}.tmp"
-    staging.write_text(identity)
-    os.replace(staging, root / STORE_ID_FILE)
-    return identity
+    path = root / STORE_ID_FILE
+    try:
+        with open(path, "x") as created:  # exclusive: of two runs starting at once, one writes
+            identity = uuid.uuid4().hex
+            created.write(identity)
+            return identity
+    except FileExistsError:
+        pass
+    for _ in range(50):  # the other run may be between creating the file and writing it
+        identity = path.read_text().strip()
+        if identity:
+            return identity
+        time.sleep(0.1)
+    raise StoreError(f"{path} is empty: delete it (the next run writes a new one)")
 
 
 def check_store_visible(output_root: Path, identity: str) -> None:

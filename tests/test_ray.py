@@ -197,6 +197,7 @@ def test_a_ray_address_that_does_not_answer_fails_before_any_work(tmp_path, caps
 def test_a_worker_that_does_not_see_the_output_root_fails_naming_it_and_the_host(tmp_path, tiny_config):
     identity = mark_store(tmp_path / "shared")
     check_store_visible(tmp_path / "shared", identity)  # the flow's own view
+    assert mark_store(tmp_path / "shared") == identity  # kept: runs side by side agree on it
     with pytest.raises(StoreError) as missing:
         check_store_visible(tmp_path / "not-mounted", identity)
     assert str((tmp_path / "not-mounted").resolve()) in str(missing.value)
