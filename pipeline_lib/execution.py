@@ -21,6 +21,7 @@ the config asks for it.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
@@ -48,11 +49,10 @@ def check_execution(config: PipelineConfig, known_stages: list[str], connect: bo
         raise ConfigError(f"execution.stage_resources: unknown stage(s) {unknown}; choose from {', '.join(known_stages)}")
     if execution.runner != "ray":
         return
-    try:
-        import ray  # noqa: F401
-        import prefect_ray  # noqa: F401
-    except ImportError as error:
-        raise ConfigError(f"execution.runner: 'ray' needs the ray and prefect-ray packages ({error}); pip install -e .") from None
+    # Looked up, not imported: importing Ray costs seconds, and prefect-ray is the tasks' business.
+    missing = [name for name in ("ray", "prefect_ray") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"execution.runner: 'ray' needs the ray and prefect-ray packages ({', '.join(missing)} missing); pip install -e .")
     if execution.ray_address is not None:
         ray_head(execution.ray_address)  # a malformed address fails a dry run too
     if connect and execution.ray_address is not None:
