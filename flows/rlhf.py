@@ -4,6 +4,7 @@
     python flows/rlhf.py --preset tiny --dry-run
     python flows/rlhf.py --set dpo.beta=0.2 --stages dpo,evaluate
     python flows/rlhf.py --force reward         # re-run reward and everything after it
+    python flows/rlhf.py --set execution.runner=ray --set execution.ray_address=head:6379
 
 Every stage's Prefect cache key is its stage key (config, upstream keys, data
 fingerprint, code, library versions), so a second run is all Cached, a changed stage
