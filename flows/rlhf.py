@@ -74,7 +74,7 @@ from pipeline_lib.plan import (
     parse_stage_list,
 )
 from pipeline_lib.registry import stage_names
-from tasks.runners import api_for_workers, placed, record_lost_task_run, task_runner_for
+from tasks.runners import api_for_workers, placed, record_lost_task_run, stage_runners
 from tasks.stages import StageResult, prefect_dir, stage_cache_policy, stage_task
 
 Preset = Enum("Preset", {name: name for name in available_presets()}, type=str)
@@ -116,14 +116,31 @@ def prepare_base_model(config: PipelineConfig, stages: list[str] | None = None) 
     return base_model_dir
 
 
-def submit_stages(runner, config: PipelineConfig, plan: Plan, base_model_dir: Path, store_id: str) -> dict[str, Any]:
-    """Submit one task per planned stage to ``runner``, each given the futures of the
-    stages it reads and, under Ray, its resource request."""
+def submit_stages(runners, config: PipelineConfig, plan: Plan, base_model_dir: Path, store_id: str) -> dict[str, Any]:
+    """Submit one task per planned stage, each given the futures of the stages it reads
+    and, under Ray, its resource request. ``runners``: (for stages that train, for stages
+    the store has); under Ray a stage goes to Ray when it trains or reads one that does."""
+    runner, local = runners
     policy = stage_cache_policy(config)
     storage = prefect_dir(config) / "results"
     futures: dict[str, Any] = {}
+    remote: set[str] = set()
     with api_for_workers(config):
         for stage in plan.stages:
+            upstream = {name: futures[name] for name in stage.upstream}
+            target = runner if stage.will_run or remote & set(upstream) else local
+            if target is not local:
+                # A Ray task takes Ray futures or values: a stage from the store, run here,
+                # hands over its result (it is done in a moment). One that failed keeps its
+                # dependant here too, where it stops at once as not ready.
+                for name in set(upstream) - remote:
+                    upstream[name].wait()
+                    if upstream[name].state.is_completed():
+                        upstream[name] = upstream[name].result()
+                    else:
+                        target = local
+            if target is not local:
+                remote.add(stage.name)
             task = stage_task(stage.name).with_options(
                 cache_policy=policy,
                 result_storage=storage,
@@ -136,11 +153,11 @@ def submit_stages(runner, config: PipelineConfig, plan: Plan, base_model_dir: Pa
                 rerun=stage.forced,
                 config=config,
                 base_model_dir=str(base_model_dir),
-                upstream={name: futures[name] for name in stage.upstream},
+                upstream=upstream,
                 store_id=store_id,
             )
             with placed(config, stage.name):
-                futures[stage.name] = runner.submit(task, parameters)
+                futures[stage.name] = target.submit(task, parameters)
     return futures
 
 
@@ -177,8 +194,8 @@ def publish_artifacts(plan: Plan, results: dict[str, StageResult]) -> None:
 # trains in a process of its own (pipeline_lib/launch.py): torch's RNG and model loading
 # are process-global, a stage that is killed must fail alone, and each stage's memory goes
 # back when it ends; the stage processes share the cores through pipeline_lib.cores. With
-# ray, Ray places each stage's task by its resources and the same child process runs in
-# the Ray worker.
+# ray, Ray places each stage that trains by its resources and the same child process runs
+# in the Ray worker; a stage the store already has comes back Cached from a thread here.
 @flow(name="rlhf")
 def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     """Run the RLHF pipeline; returns each stage's key, path, cache state and the evaluation."""
@@ -195,8 +212,8 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     results: dict[str, StageResult] = {}
     failures: dict[str, str] = {}
     store_id = mark_store(config.output_root)
-    with stages_stop_on_sigterm(), task_runner_for(config) as runner:
-        futures = submit_stages(runner, config, plan, base_model_dir, store_id)
+    with stages_stop_on_sigterm(), stage_runners(config) as runners:
+        futures = submit_stages(runners, config, plan, base_model_dir, store_id)
         for future in as_completed(list(futures.values())):
             name = next(stage for stage, candidate in futures.items() if candidate is future)
             future.wait()
