@@ -218,6 +218,20 @@ def test_a_worker_that_does_not_see_the_output_root_fails_naming_it_and_the_host
     assert not (tmp_path / "not-mounted").exists()
 
 
+def test_a_stage_on_a_ray_worker_that_sees_another_output_root_fails_before_work(harness, ray_cluster, tmp_path, monkeypatch):
+    """As a node whose output root is a local directory of its own would: the identity the
+    flow hands its stages is not the one the worker finds; the stage fails on the worker,
+    naming the output root, the host and the Ray node, and publishes nothing."""
+    import flows.rlhf
+
+    monkeypatch.setattr(flows.rlhf, "mark_store", lambda root: "an identity this output root never had")
+    state = run_flow(tmp_path, ray_cluster, stages=["data_prep"])
+    assert state.is_failed()
+    message = str(state.message)
+    assert f"output root {tmp_path.resolve()} is not visible from host {socket.gethostname()} (Ray node " in message, message
+    assert not list((tmp_path / "store").glob("*/*"))
+
+
 # --- The execution section, no cluster ----------------------------------------------------
 
 
