@@ -1,7 +1,7 @@
 """Where stages run: the checks and records that make ``execution.runner: ray`` safe.
 
-No Prefect here (``tasks/runners.py`` builds the task runner); Ray is imported only when
-the config asks for it.
+No Prefect here (``tasks/runners.py`` builds the task runner), and no import of Ray: in a
+Ray worker it is already loaded, and elsewhere it is not needed.
 
 * ``check_execution``: before any work, the resources name known stages, Ray is
   installed, and the cluster at ``execution.ray_address`` answers within
@@ -10,9 +10,9 @@ the config asks for it.
 * ``mark_store`` / ``check_store_visible``: the output root is the one storage every
   worker must see. It carries an identity file (written by the first run there, then
   kept), which the flow reads at the start of a run and every stage checks before it
-  reads or writes anything there: a node where the
-  path is missing, or where the same path is a different (local) directory, fails
-  naming the output root and the host, not with a missing-file error deep in a stage.
+  reads or writes anything there: a node where the path is missing, or where the same
+  path is a different (local) directory, fails naming the output root and the host, not
+  with a missing-file error deep in a stage.
 * ``placement``: where this process runs (host, pid, and the Ray node and worker when
   under Ray), recorded in every manifest.
 * ``granted_threads``: under Ray, the CPUs Ray granted this task are its torch threads;
