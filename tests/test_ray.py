@@ -280,3 +280,13 @@ def test_bad_resource_values_are_rejected_by_the_config():
         load_config("tiny", env_file=None, overrides=["execution.resources.cpus=0"])
     with pytest.raises(ConfigError, match="execution.runner"):
         load_config("tiny", env_file=None, overrides=["execution.runner=slurm"])
+
+
+def test_fp16_under_ray_needs_every_training_stage_to_ask_for_a_gpu():
+    """Under Ray the flow's machine has no say on precision: the stages' GPU requests do."""
+    from pipeline_lib.plan import check_precision_here
+
+    on_cluster = ["execution.runner=ray", "precision=fp16"]
+    with pytest.raises(ConfigError, match=r"precision: 'fp16' needs a CUDA GPU, and under Ray stage\(s\) \[.*'dpo'.*\] ask for none"):
+        check_precision_here(load_config("tiny", env_file=None, overrides=on_cluster))
+    check_precision_here(load_config("tiny", env_file=None, overrides=[*on_cluster, "execution.resources.gpus=1"]))
