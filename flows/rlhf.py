@@ -4,6 +4,7 @@
     python flows/rlhf.py --preset tiny --dry-run
     python flows/rlhf.py --set dpo.beta=0.2 --stages dpo,evaluate
     python flows/rlhf.py --force reward         # re-run reward and everything after it
+    python flows/rlhf.py --set execution.runner=ray --set execution.ray_address=head:6379
 
 Every stage's Prefect cache key is its stage key (config, upstream keys, data
 fingerprint, code, library versions), so a second run is all Cached, a changed stage
@@ -82,12 +83,12 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from pipeline_lib.config import PipelineConfig, load_config
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.errors import PipelineError, StageFailed
+from pipeline_lib.execution import check_execution, mark_store
 from pipeline_lib.launch import stages_stop_on_sigterm
 from pipeline_lib.models import materialize_base_model
 from pipeline_lib.plan import (
@@ -102,6 +103,7 @@ from pipeline_lib.plan import (
     parse_stage_list,
     store_for,
 )
+from tasks.runners import api_for_workers, placed, record_lost_task_run, stage_runners
 from tasks.stages import StageResult, prefect_dir, stage_cache_policy, stage_task
 
 Preset = Enum("Preset", {name: name for name in available_presets()}, type=str)
@@ -143,26 +145,48 @@ def prepare_base_model(config: PipelineConfig, stages: list[str] | None = None) 
     return base_model_dir
 
 
-def submit_stages(config: PipelineConfig, plan: Plan, base_model_dir: Path) -> dict[str, Any]:
-    """Submit one task per planned stage, each given the futures of the stages it reads."""
+def submit_stages(runners, config: PipelineConfig, plan: Plan, base_model_dir: Path, store_id: str) -> dict[str, Any]:
+    """Submit one task per planned stage, each given the futures of the stages it reads
+    and, under Ray, its resource request. ``runners``: (for stages that train, for stages
+    the store has); under Ray a stage goes to Ray when it trains or reads one that does."""
+    runner, local = runners
     policy = stage_cache_policy(config)
     storage = prefect_dir(config) / "results"
     futures: dict[str, Any] = {}
-    for stage in plan.stages:
-        task = stage_task(stage.name).with_options(
-            cache_policy=policy,
-            result_storage=storage,
-            # Prefect only knows its own records: refresh when the store lacks the output.
-            refresh_cache=stage.will_run,
-        )
-        futures[stage.name] = task.submit(
-            stage_name=stage.name,
-            key=stage.key,
-            rerun=stage.forced,
-            config=config,
-            base_model_dir=str(base_model_dir),
-            upstream={name: futures[name] for name in stage.upstream},
-        )
+    remote: set[str] = set()
+    with api_for_workers(config):
+        for stage in plan.stages:
+            upstream = {name: futures[name] for name in stage.upstream}
+            target = runner if stage.will_run or remote & set(upstream) else local
+            if target is not local:
+                # A Ray task takes Ray futures or values: a stage from the store, run here,
+                # hands over its result (it is done in a moment). One that failed keeps its
+                # dependant here too, where it stops at once as not ready.
+                for name in set(upstream) - remote:
+                    upstream[name].wait()
+                    if upstream[name].state.is_completed():
+                        upstream[name] = upstream[name].result()
+                    else:
+                        target = local
+            if target is not local:
+                remote.add(stage.name)
+            task = stage_task(stage.name).with_options(
+                cache_policy=policy,
+                result_storage=storage,
+                # Prefect only knows its own records: refresh when the store lacks the output.
+                refresh_cache=stage.will_run,
+            )
+            parameters = dict(
+                stage_name=stage.name,
+                key=stage.key,
+                rerun=stage.forced,
+                config=config,
+                base_model_dir=str(base_model_dir),
+                upstream=upstream,
+                store_id=store_id,
+            )
+            with placed(config, stage.name):
+                futures[stage.name] = target.submit(task, parameters)
     return futures
 
 
@@ -192,19 +216,23 @@ def publish_artifacts(plan: Plan, results: dict[str, StageResult]) -> None:
     create_markdown_artifact("\n".join(markdown), key="rlhf-report", description="Evaluation and lineage of every output")
 
 
-# Stages whose inputs are ready train side by side, at most this many at once.
-STAGE_WORKERS = 2
-
-
-# Each task waits in a thread of the flow while its stage trains in a process of its own
-# (pipeline_lib/launch.py): torch's RNG and model loading are process-global, a stage that
-# is killed must fail alone, and each stage's memory goes back when it ends. The stage
-# processes share the cores through pipeline_lib.cores.
-@flow(name="rlhf", task_runner=ThreadPoolTaskRunner(max_workers=STAGE_WORKERS))
+# The stages go through the task runner the run's config names (tasks/runners.py), built
+# here rather than in the decorator so that a run from a deployment or the UI, whose
+# config comes from its parameters, runs where that config says. With the default
+# (execution.runner: process) each task waits in a thread of the flow while its stage
+# trains in a process of its own (pipeline_lib/launch.py): torch's RNG and model loading
+# are process-global, a stage that is killed must fail alone, and each stage's memory goes
+# back when it ends; the stage processes share the cores through pipeline_lib.cores. With
+# ray, Ray places each stage that trains by its resources and the same child process runs
+# in the Ray worker; a stage the store already has comes back Cached from a thread here.
+@flow(name="rlhf")
 def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     """Run the RLHF pipeline; returns each stage's key, path, cache state and the evaluation."""
     logger = get_run_logger()
     config = params.config()
+    # Workers elsewhere (Ray) have other working directories: every path they get is absolute.
+    config.output_root = Path(config.output_root).resolve()
+    check_execution(config, stage_names())  # a run from a deployment skips main()'s checks
     base_model_dir = prepare_base_model(config, params.stage_names())
     plan = make_plan(config, params.stage_names(), params.force_names())
     for stage in plan.stages:
@@ -212,8 +240,9 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     progress = create_progress_artifact(0.0, key="rlhf-progress", description="Stages finished")
     results: dict[str, StageResult] = {}
     failures: dict[str, str] = {}
-    with stages_stop_on_sigterm():
-        futures = submit_stages(config, plan, base_model_dir)
+    store_id = mark_store(config.output_root)
+    with stages_stop_on_sigterm(), stage_runners(config) as runners:
+        futures = submit_stages(runners, config, plan, base_model_dir, store_id)
         for future in as_completed(list(futures.values())):
             name = next(stage for stage, candidate in futures.items() if candidate is future)
             future.wait()
@@ -223,6 +252,7 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
                     results[name] = results[name].model_copy(update={"trained": False})
             else:
                 failures[name] = failure_message(future.state)
+                record_lost_task_run(future)
             update_progress_artifact(progress, 100.0 * (len(results) + len(failures)) / len(futures))
     publish_artifacts(plan, results)
     summary = run_summary(plan, results, failures)
@@ -322,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = parameters_from_args(args)
         config = params.config()
-        # Downloads nothing; a real run that cannot get a hub model or dataset fails here.
+        # Downloads nothing; a real run that cannot get a hub model or dataset, or whose Ray
+        # cluster does not answer, fails here.
         downloads = check_before_work(config, dry_run=args.dry_run, stages=params.stage_names())
         if not args.dry_run:
             prepare_base_model(config, params.stage_names())  # converted once and reused; checked against its depth

@@ -267,10 +267,68 @@ class TrackingSection(Section):
     project: str = Field("rlhf-pipeline", description="wandb project name.")
 
 
+class StageResources(Section):
+    """What one stage asks the cluster for; Ray places the stage on a node that has it free."""
+
+    cpus: float = Field(1.0, gt=0, description="CPU cores reserved for the stage; it runs that many torch threads (at least 1).")
+    gpus: float = Field(0.0, ge=0, description="GPUs reserved for the stage (a fraction shares one GPU between stages).")
+    memory_gb: float = Field(0.0, ge=0, description="Memory reserved for the stage, in GiB (0 = no reservation).")
+
+
+class StageResourceOverride(Section):
+    """A stage's departures from ``execution.resources``; an unset field keeps the default."""
+
+    cpus: float | None = Field(None, gt=0, description="CPU cores for this stage (unset = execution.resources.cpus).")
+    gpus: float | None = Field(None, ge=0, description="GPUs for this stage (unset = execution.resources.gpus).")
+    memory_gb: float | None = Field(None, ge=0, description="Memory for this stage in GiB (unset = execution.resources.memory_gb).")
+
+
+class ExecutionSection(Section):
+    """Where stages run. Never part of a stage key: where a stage runs does not change its output.
+
+    With ``runner: ray`` every stage is a Ray task that asks for its resources
+    (``resources``, overridden per stage in ``stage_resources``, e.g.
+    ``--set execution.stage_resources.ppo.gpus=1``), and Ray places it on a node that has
+    them free. ``output_root`` must then be storage every Ray node sees at the same path
+    (a shared filesystem): stages read their inputs from it and publish into it.
+    """
+
+    runner: Literal["process", "ray"] = Field(
+        "process",
+        description="'process': stages run on this machine, each in a process of its own, sharing its cores; "
+        "'ray': each stage is a Ray task placed by its resources (a local Ray, or the cluster at ray_address).",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join with runner 'ray' (host:port of the head, 'ray://host:10001', or 'auto'); "
+        "unset = start a local Ray for the run. The output root must be shared storage every node sees.",
+    )
+    connect_timeout: float = Field(
+        10.0, gt=0, le=600, description="Seconds to wait for the Ray cluster to answer before the run fails (before any work)."
+    )
+    resources: StageResources = Field(default_factory=StageResources)
+    stage_resources: dict[str, StageResourceOverride] = Field(
+        {},
+        description="Per-stage resource overrides by stage name, e.g. {ppo: {gpus: 1}, dpo: {cpus: 4, memory_gb: 16}}.",
+    )
+
+    def resources_for(self, stage: str) -> StageResources:
+        """``resources`` with the stage's overrides applied."""
+        override = self.stage_resources.get(stage)
+        if override is None:
+            return self.resources
+        changed = {name: value for name, value in override.model_dump().items() if value is not None}
+        return self.resources.model_copy(update=changed)
+
+
 class PipelineConfig(Section):
     preset: str = Field("default", description="Preset the config started from.")
     seed: int = Field(42, ge=0, description="Seed for data splits, sampling and training.")
-    output_root: Path = Field(Path(".data"), description="Where the store, caches, Prefect results and wandb runs live.")
+    output_root: Path = Field(
+        Path(".data"),
+        description="Where the store, caches, Prefect results and wandb runs live. With execution.runner 'ray' on "
+        "several machines it must be shared storage every node sees at this same path.",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32",
         description="Numeric precision of every stage. fp32: weights and compute in float32. bf16: weights loaded "
@@ -295,6 +353,7 @@ class PipelineConfig(Section):
     grpo: GRPOSection = Field(default_factory=GRPOSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    execution: ExecutionSection = Field(default_factory=ExecutionSection)
 
     @model_validator(mode="after")
     def _adapter_for_every_stage(self) -> "PipelineConfig":

@@ -9,6 +9,9 @@ Training stages re-check after every optimizer step (``ShareCores``), so a stage
 neighbour has finished takes the freed cores instead of leaving them idle. A marker whose
 process died (killed run) is ignored.
 
+Under Ray (``execution.runner: ray``) none of this is used: Ray places each stage where
+the CPUs it asked for are free, and the stage takes those CPUs as its threads (``granted``).
+
 Outside ``running`` (a stage called directly, the tests) nothing changes torch's threads.
 A thread count can change the last bits of CPU reductions, so two runs whose stages
 overlapped differently may differ in those bits; a stage run alone is repeatable, and so
@@ -86,3 +89,13 @@ def running(directory: Path, stage: str, cores: int | None = None) -> Iterator[i
     finally:
         _active = None
         marker.unlink(missing_ok=True)
+
+
+@contextmanager
+def granted(threads: int) -> Iterator[int]:
+    """Run with the ``threads`` a scheduler granted this stage (Ray's CPUs for its task):
+    the scheduler already keeps stages from oversubscribing a node, so no markers."""
+    import torch
+
+    torch.set_num_threads(threads)
+    yield threads

@@ -94,9 +94,25 @@ def end_with(flow_pid: int, every_seconds: float = 1.0) -> None:
 
 
 def _child(
-    stage_name: str, config_json: dict[str, Any], inputs: dict[str, str], out_dir: str, cores_dir: str, flow_pid: int, logs, results
+    stage_name: str,
+    config_json: dict[str, Any],
+    inputs: dict[str, str],
+    out_dir: str,
+    cores_dir: str | None,
+    threads: int | None,
+    devices: str | None,
+    flow_pid: int,
+    logs,
+    results,
 ) -> None:
     end_with(flow_pid)
+    # The GPUs of the caller now (Ray sets them per task), not those the fork server was
+    # started with: a reused Ray worker's earlier task may have had others. CUDA reads this
+    # when it initialises, which the fork server never does.
+    if devices is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
     handler = logging.handlers.QueueHandler(logs)
     project_logger = logging.getLogger("pipeline_lib")
     project_logger.handlers[:] = [handler]
@@ -108,8 +124,10 @@ def _child(
 
         config = PipelineConfig.model_validate(config_json)
         stage = registry.stage(stage_name)
-        with cores.running(Path(cores_dir), stage_name) as threads:
-            project_logger.info("%s: stage process %d started (%d torch threads)", stage_name, os.getpid(), threads)
+        # Cores granted by a scheduler (Ray), else a share of this machine's among its stages.
+        threads_of_stage = cores.granted(threads) if threads is not None else cores.running(Path(cores_dir), stage_name)
+        with threads_of_stage as used:
+            project_logger.info("%s: stage process %d started (%d torch threads)", stage_name, os.getpid(), used)
             metrics = stage.run(config, {name: Path(path) for name, path in inputs.items()}, Path(out_dir))
         results.put({"metrics": metrics})
     except BaseException as error:  # everything goes back to the parent, which raises it
@@ -132,11 +150,15 @@ def run_stage_process(
     config_json: dict[str, Any],
     inputs: dict[str, Path],
     out_dir: Path,
-    cores_dir: Path,
+    cores_dir: Path | None = None,
+    threads: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``registry.stage(stage_name).run`` in a child process; return its metrics.
     ``on_progress`` gets the progress of each record that carries one (pipeline_lib/progress.py).
+
+    The stage's torch threads: ``threads`` when a scheduler granted it cores (Ray), else
+    its share of this machine's cores among the stages registered in ``cores_dir``.
 
     Raises ``StageFailed`` naming the stage with the child's own error message, or with the
     signal that ended it."""
@@ -145,7 +167,8 @@ def run_stage_process(
     process = context.Process(
         target=_child,
         args=(
-            stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir), str(cores_dir),
+            stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir),
+            None if cores_dir is None else str(cores_dir), threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
             os.getpid(), logs, results,
         ),
         name=f"stage-{stage_name}",

@@ -28,6 +28,7 @@ from pipeline_lib.config import ConfigError, PipelineConfig, check_precision, ch
 from pipeline_lib.data import schemas, sentiment_task, sources
 from pipeline_lib.distributed import check_launch_here
 from pipeline_lib.errors import ModelError
+from pipeline_lib.execution import check_execution
 from pipeline_lib.store import Store, sha256_text, stage_key
 
 
@@ -308,7 +309,8 @@ def _check_local_model(config: PipelineConfig, stages: list[str]) -> None:
 
 def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str | list[str] | None = None) -> list[HubDownload]:
     """What can be checked without training, checked before any stage starts: the output
-    root, the stages the config names, the embedded task's sizes, a local model directory
+    root, the stages the config names, where stages run (execution: resources name known
+    stages, a real run's Ray cluster answers), the embedded task's sizes, a local model directory
     and its depth, every local data file (read, normalised and validated in full, so a bad
     row fails here naming file, row and field), and each hub model and dataset (nothing
     is downloaded). Returns the hub items a run reads (``hub_downloads``, checked).
@@ -321,6 +323,8 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
         raise ConfigError(f"output_root: {root} exists and is not a directory")
     parse_stage_list(config.stages, what="stages")
     included = closure(parse_stage_list(stages, config.stages, "stages"))
+    # Resources name known stages; a real run's Ray cluster answers (in seconds, not ray.init's minute).
+    check_execution(config, registry.stage_names(), connect=not dry_run)
     check_precision_here(config)
     check_launch_here(config)
     data = config.data
@@ -345,7 +349,17 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
 
 def check_precision_here(config: PipelineConfig) -> None:
     """``precision`` against this machine's GPU (or its absence); fp32 runs anywhere, and
-    is checked without importing torch."""
+    is checked without importing torch. Under Ray the stages run where Ray places them, so
+    this machine's GPU says nothing: fp16 then needs every training stage to ask for a GPU
+    (bf16 on a GPU without it fails on its node)."""
+    if config.execution.runner == "ray":
+        without_gpu = [name for name in config.train_sections() if config.execution.resources_for(name).gpus == 0]
+        if config.precision == "fp16" and without_gpu:
+            raise ConfigError(
+                f"precision: 'fp16' needs a CUDA GPU, and under Ray stage(s) {without_gpu} ask for none; "
+                "set execution.resources.gpus (or execution.stage_resources.<stage>.gpus)"
+            )
+        return
     if config.precision == "fp32":
         return
     import torch

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from pipeline_lib import registry
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.distributed import run_stage_distributed
+from pipeline_lib.execution import check_store_visible, granted_threads, placement
 from pipeline_lib.launch import run_stage_process
 from pipeline_lib.plan import store_for
 from pipeline_lib.progress import percent
@@ -62,9 +63,11 @@ def execute(
     rerun: bool = False,
 ) -> StageResult:
     """Run ``train`` into the key's work directory and publish it, unless the store has it
-    (or ``rerun`` asks to train again). A failure publishes nothing."""
+    (or ``rerun`` asks to train again). A failure publishes nothing. The manifest records
+    where the stage ran (host, and the Ray node under Ray)."""
     logger = get_run_logger()
     store = store_for(config)
+    where = placement()
     if not rerun and store.validate(stage, key) is None:
         logger.info("%s %s: already in the store, not training", stage, key[:12])
         output = store.load(stage, key)
@@ -78,6 +81,7 @@ def execute(
         "upstream": {name: {"key": result.key, "path": result.path} for name, result in upstream.items()},
         "metrics": metrics,
         "timings": {"seconds": round(time.time() - started, 2)},
+        "placement": where,
         "tracking_run_id": metrics.get("tracking_run_id"),
     }
     output = store.publish(stage, key, manifest)
@@ -114,23 +118,37 @@ TASK_OPTIONS = dict(persist_result=True, retries=0, task_run_name="{stage_name}-
 
 @task(name="stage", **TASK_OPTIONS)
 def run_stage(
-    stage_name: str, key: str, rerun: bool, config: PipelineConfig, base_model_dir: str, upstream: dict[str, StageResult]
+    stage_name: str,
+    key: str,
+    rerun: bool,
+    config: PipelineConfig,
+    base_model_dir: str,
+    upstream: dict[str, StageResult],
+    store_id: str | None = None,
 ) -> StageResult:
-    """Run one declared stage on the outputs of its upstream stages (paths, never models)."""
+    """Run one declared stage on the outputs of its upstream stages (paths, never models).
+    ``store_id`` is the output root's identity for this run (``pipeline_lib.execution``):
+    a worker that does not see the same output root fails here, before any work."""
+    if store_id is not None:
+        check_store_visible(config.output_root, store_id)
     inputs = {BASE_MODEL: Path(base_model_dir), **{name: Path(result.path) for name, result in upstream.items()}}
 
     def train(out_dir: Path) -> dict[str, Any]:
         # The stage's ML runs in a process of its own (pipeline_lib/launch.py), or on
         # launch.num_processes processes under accelerate (pipeline_lib/distributed.py): if
-        # it dies, this task fails naming the stage, and the stages beside it carry on.
+        # it dies, this task fails naming the stage, and the stages beside it carry on. Under
+        # Ray it takes the CPUs Ray granted this task; else its share of this machine's cores.
         several = registry.stage(stage_name).distributed and config.launch.num_processes > 1
         if config.launch.num_processes > 1 and not several and stage_name in config.train_sections():
             # TRL 1.12's PPO (trl.experimental) cannot save from ranks other than 0 under transformers 5.
             get_run_logger().info("%s: runs on one process (launch.num_processes applies to %s)", stage_name,
                                   ", ".join(name for name in registry.stage_names() if registry.stage(name).distributed))
         run = run_stage_distributed if several else run_stage_process
-        config_json, cores_dir = config.model_dump(mode="json"), prefect_dir(config) / "running"
-        return run(stage_name, config_json, inputs, out_dir, cores_dir, on_progress=ProgressArtifacts(stage_name))
+        threads = granted_threads()
+        cores_dir = prefect_dir(config) / "running" if threads is None else None
+        return run(
+            stage_name, config.model_dump(mode="json"), inputs, out_dir, cores_dir, threads, on_progress=ProgressArtifacts(stage_name)
+        )
 
     return execute(stage_name, key, config, upstream, train, rerun)
 

@@ -37,9 +37,9 @@ STAGES = stage_names()
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
 
 
-def retrain_spec() -> dict:
+def retrain_spec(name: str = "retrain") -> dict:
     spec = yaml.safe_load(PREFECT_YAML.read_text())
-    return next(deployment for deployment in spec["deployments"] if deployment["name"] == "retrain")
+    return next(deployment for deployment in spec["deployments"] if deployment["name"] == name)
 
 
 # --- Files and options, no server -------------------------------------------------------
@@ -74,6 +74,32 @@ def test_prefect_yaml_declares_the_served_deployment(monkeypatch):
     assert spec.get("pull") is None
     pull = yaml.safe_load(PREFECT_YAML.read_text())["pull"]
     assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $RLHF_PIPELINE_DIR }}"}}]
+
+
+def test_gpu_deployment_requests_gpus_in_job_variables_the_docker_worker_accepts(monkeypatch):
+    """The GPU example: the flow and parameters as for retrain, and job variables valid
+    against the Docker worker's own default base job template (its variables' JSON schema),
+    with a device request docker-py turns into the container's GPU request."""
+    import docker.types
+    import jsonschema
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect_docker.worker import DockerWorker
+
+    monkeypatch.chdir(REPO)
+    spec = retrain_spec("retrain-gpu")
+    assert load_flow_from_entrypoint(spec["entrypoint"]).name == rlhf.name
+    config = RunParameters.model_validate(spec["parameters"]["params"]).config()
+    assert config.precision == "bf16"
+    variables = DockerWorker.get_default_base_job_template()["variables"]
+    job_variables = spec["work_pool"]["job_variables"]
+    jsonschema.validate(job_variables, variables)
+    assert set(job_variables) <= set(variables["properties"])  # none ignored by the worker
+    requests = job_variables["container_create_kwargs"]["device_requests"]
+    host_config = docker.types.HostConfig(version="1.44", device_requests=requests)
+    assert host_config["DeviceRequests"] == [{"Driver": "nvidia", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
+    # The output root is the mounted shared storage, at the same path inside and out.
+    mounts = [volume.split(":")[:2] for volume in job_variables["volumes"]]
+    assert any(str(config.output_root).startswith(inside) and inside == outside for outside, inside in mounts)
 
 
 def test_schedule_from_option_then_setting_then_default(monkeypatch, tmp_path):
@@ -212,6 +238,7 @@ def test_prefect_yaml_deploys_to_a_process_pool_and_a_worker_runs_it(retrain_ser
     server.cli("work-pool", "create", "rlhf-process", "--type", "process", "--overwrite")
     # The served deployment already owns rlhf/retrain on this server: deploy the same file under another name.
     spec = yaml.safe_load(PREFECT_YAML.read_text())
+    spec["deployments"] = [retrain_spec()]  # the GPU example needs a Docker pool and GPUs
     spec["deployments"][0]["name"] = "retrain-on-worker"
     copy = tmp_path / "prefect.yaml"
     copy.write_text(yaml.safe_dump(spec))
