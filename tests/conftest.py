@@ -60,15 +60,6 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return materialize_base_model(model_section, tmp_path_factory.mktemp("models"), sentiment_task.corpus())
 
 
-@pytest.fixture(scope="session")
-def harness():
-    """One Prefect test harness (a temporary server) for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 # --- A real Prefect server and the served rlhf/retrain deployment (test_deployments, test_ui);
 # one of each per session, helpers in tests/conftest_server.py.
 @pytest.fixture(scope="session")
