@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def sft_steps(preset: str, root: Path, steps: int, overrides: list[str]) -> list[dict]:
+def sft_steps(preset: str, root: Path, steps: int, overrides: list[str], repeats: int = 2) -> list[dict]:
     from pipeline_lib import registry
     from pipeline_lib.config import load_config
     from pipeline_lib.data import sentiment_task
@@ -50,8 +50,10 @@ def sft_steps(preset: str, root: Path, steps: int, overrides: list[str]) -> list
         shutil.rmtree(data, ignore_errors=True)
         run_stage_process("data_prep", base_config.model_dump(mode="json"), {"base_model": base}, data, root / "running")
         (data / "manifest-bench.json").write_text(json.dumps({"preset": preset, "seed": base_config.seed}))
-    rows = []
-    for processes in (1, 2):
+    rows: dict[int, dict] = {}
+    # Alternating 1, 2, 1, 2, ...: a neighbour's load on a shared machine hits both alike;
+    # the fastest of each is kept.
+    for processes in (1, 2) * repeats:
         config = load_config(
             preset,
             overrides=[
@@ -68,11 +70,13 @@ def sft_steps(preset: str, root: Path, steps: int, overrides: list[str]) -> list
         wall = time.perf_counter() - started
         runtime = next(entry["train_runtime"] for entry in json.loads((out / "log_history.json").read_text()) if "train_runtime" in entry)
         examples = steps * config.sft.per_device_train_batch_size * config.sft.gradient_accumulation_steps * processes
-        rows.append({
+        row = {
             "processes": processes, "seconds_per_step": runtime / steps, "examples_per_second": examples / runtime,
             "stage_wall_seconds": wall, "train_loss": metrics.get("train_loss"),
-        })  # fmt: skip
-    return rows
+        }  # fmt: skip
+        if processes not in rows or row["seconds_per_step"] < rows[processes]["seconds_per_step"]:
+            rows[processes] = row
+    return [rows[1], rows[2]]
 
 
 def whole_runs(preset: str, root: Path, overrides: list[str]) -> list[dict]:
@@ -101,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--output-root", type=Path, default=REPO / ".data" / "scale")
     parser.add_argument("--sft-steps", type=int, default=8, help="optimizer steps of SFT timed per process count")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per process count, alternating; the fastest is kept")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)
     root = args.output_root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     report: dict = {"preset": args.preset, "cpu_cores": os.cpu_count()}
     if args.part in ("steps", "all"):
-        rows = report["sft_steps"] = sft_steps(args.preset, root, args.sft_steps, args.overrides)
+        rows = report["sft_steps"] = sft_steps(args.preset, root, args.sft_steps, args.overrides, args.repeats)
         print(f"\nSFT, {args.sft_steps} steps ({args.preset}), per process count:")
         print(f"{'processes':>9} {'s/step':>8} {'examples/s':>11} {'stage wall s':>13} {'train loss':>11}")
         for row in rows:

@@ -72,6 +72,9 @@ def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_
         "activation_checkpointing": section.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         "disable_tqdm": False,
         "dataloader_num_workers": 0,
+        # Several processes (DDP): every parameter that trains is used in every forward, so
+        # DDP need not search the graph for unused ones after each backward.
+        "ddp_find_unused_parameters": False,
     }
 
 
