@@ -162,3 +162,28 @@ def test_a_cached_hub_dataset_offline_still_needs_its_revision_pinned(tmp_path: 
     assert code == 2
     assert DATASETS[0] in summary["error"] and "pin data.revision" in summary["error"]
     assert not (tmp_path / "out" / "store").exists()
+
+
+# Runs flows/rlhf.py as a user would, then says which heavy libraries the run imported.
+PROBE = (
+    "import runpy, sys\n"
+    "sys.argv = ['flows/rlhf.py'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "except SystemExit as end:\n    print('exit', end.code, file=sys.stderr)\n"
+    "print('imported:', sorted(m for m in ('torch', 'transformers', 'datasets', 'trl', 'prefect') if m in sys.modules), file=sys.stderr)"
+)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--preset", "tldr", "--dry-run"], ["--preset", "default", "--dry-run"]])
+def test_help_and_dry_run_never_import_torch(tmp_path: Path, args: list[str]) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", PROBE, *args, *(["--output-root", str(tmp_path)] if "--dry-run" in args else [])]
+    finished = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert "exit 0" in finished.stderr, finished.stderr[-2000:]
+    imported = finished.stderr.splitlines()[-1]
+    assert "torch" not in imported and "transformers" not in imported, imported
+    if args == ["--help"]:  # nothing but the settings: not even Prefect
+        assert imported == "imported: []"
