@@ -83,9 +83,14 @@ def seed_metrics(summary: dict, wall_seconds: float) -> tuple[dict[str, float], 
             if row.get(field) is not None:
                 metrics[f"{name}/{metric}"] = row[field]
                 intervals[f"{name}/{metric}"] = row[f"{field}_ci95"]
-        metrics[f"{name}/distinct_2_ratio"] = row["distinct_2"] / sft["distinct_2"]
-        metrics[f"{name}/length_ratio"] = row["mean_length_words"] / sft["mean_length_words"]
+        metrics[f"{name}/distinct_2_ratio"] = ratio(row["distinct_2"], sft["distinct_2"])
+        metrics[f"{name}/length_ratio"] = ratio(row["mean_length_words"], sft["mean_length_words"])
     return metrics, intervals
+
+
+def ratio(value: float, reference: float) -> float | None:
+    """None where SFT's figure is 0 (an untrained tiny model's empty answers): no ratio to judge."""
+    return value / reference if reference else None
 
 
 def stage_seconds(summary: dict) -> dict[str, float]:
@@ -164,7 +169,7 @@ def figure(value: float, interval: list[float] | None = None) -> str:
 def report(records: list[dict]) -> bool:
     """Print the per-seed table, the mean over seeds, and each seed's missed floors; True
     when every seed meets every floor that applies."""
-    names = [name for name in records[0]["metrics"] if all(name in record["metrics"] for record in records)]
+    names = [name for name in records[0]["metrics"] if all(record["metrics"].get(name) is not None for record in records)]
     seeds = [f"seed {record['seed']}" for record in records]
     width = 26
     print(f"\n{'metric':<28}" + "".join(f"{seed:>{width}}" for seed in seeds) + f"{'mean over seeds':>{width}}")
@@ -184,7 +189,7 @@ def report(records: list[dict]) -> bool:
     if stages:
         print("\nstage seconds (mean over seeds): " + ", ".join(
             f"{stage} {fmean(r['stage_seconds'].get(stage) or 0 for r in records):.0f}" for stage in stages))
-    print(f"\nFloors, judged on each seed ({len(TARGETS)} floors; n/a: the stage did not run)")
+    print(f"\nFloors, judged on each seed ({len(TARGETS)} floors; n/a: the stage did not run, or no figure)")
     all_met = True
     for record in records:
         verdicts = judge_floors(record["metrics"])

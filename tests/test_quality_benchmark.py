@@ -95,3 +95,12 @@ def test_mean_over_seeds(quality) -> None:
     mean, half_width = quality.mean_over_seeds([1.0, 3.0])
     assert mean == 2.0 and half_width == pytest.approx(12.706 * 2 ** 0.5 / 2 ** 0.5)
     assert quality.mean_over_seeds([1.0]) == (1.0, None)
+
+
+def test_a_ratio_to_an_empty_sft_is_not_judged(quality) -> None:
+    """The tiny preset's untrained SFT can answer nothing: no distinct-2 ratio, no verdict, no crash."""
+    empty_sft = summary(0.4)
+    empty_sft["evaluation"]["policies"]["sft"]["distinct_2"] = 0.0
+    metrics, _ = quality.seed_metrics(empty_sft, wall_seconds=60.0)
+    assert metrics["dpo/distinct_2_ratio"] is None
+    assert quality.judge_floors(metrics)["DPO distinct-2 / SFT's"] is None

@@ -273,13 +273,13 @@ def intervals_note(results: dict[str, Any]) -> list[str]:
 
 def frontier_axes(axes, points: list[dict[str, Any]], title: str = "Oracle score vs sampled KL") -> None:
     """Oracle score against sampled KL to SFT, one marker per point (``name``, ``kl``,
-    ``kl_ci95``, ``oracle``); base and SFT, the references, stand out. Shared with
-    ``benchmarks/frontier.py``."""
+    ``kl_ci95``, ``oracle``, optionally ``marker`` and ``color``); base and SFT, the
+    references, stand out. Shared with ``benchmarks/frontier.py``."""
     markers = {"base": ("s", "black"), "sft": ("D", "tab:red")}
     for point in points:
         if point.get("kl") is None or point.get("oracle") is None:
             continue
-        marker, color = markers.get(point["name"], ("o", None))
+        marker, color = markers.get(point["name"], (point.get("marker", "o"), point.get("color")))
         low, high = point.get("kl_ci95") or (point["kl"], point["kl"])
         axes.errorbar(
             point["kl"], point["oracle"], xerr=[[point["kl"] - low], [high - point["kl"]]], fmt=marker, color=color,
