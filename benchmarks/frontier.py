@@ -101,10 +101,10 @@ def point(name: str, row: dict) -> dict:
 
 
 def print_table(points: list[dict], evaluation: dict) -> None:
-    def with_interval(value, interval) -> str:
+    def with_interval(value, interval, sign: str = "+") -> str:
         if value is None:
             return "n/a"
-        return f"{value:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else f"{value:+.3f}"
+        return f"{value:{sign}.3f} [{interval[0]:{sign}.3f}, {interval[1]:{sign}.3f}]" if interval else f"{value:{sign}.3f}"
 
     print(f"\n{'point':<22}{'oracle':>8}{'oracle gain vs SFT':>28}{'win rate vs SFT':>28}{'sampled KL to SFT':>28}"
           f"{'stage s':>9}{'eval s':>8}{'wall s':>8}")
@@ -112,7 +112,7 @@ def print_table(points: list[dict], evaluation: dict) -> None:
         seconds = "".join(f"{p.get(key):>{width}.0f}" if p.get(key) is not None else f"{'':>{width}}"
                           for key, width in (("stage_seconds", 9), ("evaluate_seconds", 8), ("wall_seconds", 8)))
         print(f"{p['name']:<22}{p['oracle']:>8.3f}{with_interval(p['oracle_gain'], p['oracle_gain_ci95']):>28}"
-              f"{with_interval(p['win_rate'], p['win_rate_ci95']):>28}{with_interval(p['kl'], p['kl_ci95']):>28}{seconds}")
+              f"{with_interval(p['win_rate'], p['win_rate_ci95'], sign='-'):>28}{with_interval(p['kl'], p['kl_ci95']):>28}{seconds}")
     intervals, kl = evaluation.get("intervals") or {}, evaluation.get("sampled_kl") or {}
     print(f"\nBrackets: 95% paired bootstrap over {evaluation.get('held_out_prompts')} held-out prompts "
           f"({intervals.get('resamples')} resamples); KL from {kl.get('samples_per_prompt')} samples per prompt at "
