@@ -164,9 +164,11 @@ def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: Tiny
             low, high = row[f"{metric}_ci95"]
             assert low <= row[metric] <= high, (name, metric)
         assert row["oracle_gain_vs_sft"] == pytest.approx(row["oracle_mean"] - sft["oracle_mean"])
-    # The base model is an untrained other model: its sampled KL to SFT is positive (the
-    # old greedy log-ratio was negative here).
-    assert results["policies"]["base"]["sampled_kl_to_sft"] > 0
+    # Base is another model than SFT: its KL comes from its own samples, one figure per prompt.
+    # (Its sign is left alone here: on the tiny models the estimate is within noise of 0;
+    # tests/test_metrics.py checks KL > 0 against a clearly different model.)
+    base_kl = [row["sampled_kl_to_sft"] for row in read_jsonl(output / "generations.jsonl") if row["policy"] == "base"]
+    assert len(base_kl) == 8 and all(value != 0.0 for value in base_kl)
     config = tiny_pipeline.config.evaluate
     assert results["intervals"] == {
         "method": "paired percentile bootstrap over held-out prompts",
