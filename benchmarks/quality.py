@@ -6,13 +6,18 @@ machine, base-model conversion and Prefect's start included. The figures come fr
 flow's last JSON line (``eval.json``): held-out prompts only, the VADER oracle as judge,
 the reward model as the win-rate judge.
 
-Prints one table of every metric as mean, standard deviation and range over the seeds,
-then one line per target (met or not, with the mean figure; a target is met when the
-mean over seeds clears it). Exits 0 when every target is met, 1 otherwise.
+Prints one table of every metric per seed, each gain, win rate and KL with its 95%
+interval from the evaluation's paired bootstrap over held-out prompts, then the mean over
+seeds with a t-interval over seeds (the seed-to-seed spread: data split, training and
+sampling together). The floors are judged on each seed separately, never on the mean:
+a seed meets the floors when every figure of every aligned policy clears them. Prints
+which floors each seed misses; exits 0 when every seed meets every floor, 1 otherwise.
 
     . .venv/bin/activate
     python benchmarks/quality.py                        # default preset, seeds 0 1 2
+    python benchmarks/quality.py --seeds 0 1 2 3 4      # ~13 min a seed on 2 cores
     python benchmarks/quality.py --seeds 0 --set dpo.beta=0.2
+    python benchmarks/quality.py --preset tiny --seeds 0 1   # the logic, in a minute or two
     python benchmarks/quality.py --reuse                # re-print from finished runs
 
 Results per seed go to ROOT/seed-N/quality.json; ``--reuse`` reads those instead of
@@ -23,12 +28,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import fmean, pstdev
+from statistics import fmean, stdev
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_POLICIES = ("base", "sft")  # every other policy in the evaluation is an aligned one
@@ -52,22 +58,39 @@ TARGETS = (
 )
 
 
-def seed_metrics(summary: dict, wall_seconds: float) -> dict[str, float]:
-    """The figures the targets read, from the flow's summary of one run."""
+INTERVAL_METRICS = {  # the benchmark's name -> the evaluation's field with a ``_ci95`` beside it
+    "oracle_gain": "oracle_gain_vs_sft",
+    "reward_gain": "reward_model_gain_vs_sft",
+    "win_rate": "win_rate_vs_sft",
+    "sampled_kl": "sampled_kl_to_sft",
+}
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def seed_metrics(summary: dict, wall_seconds: float) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The figures the floors read, and the 95% intervals of those that have one, from the
+    flow's summary of one run."""
     evaluation = summary["evaluation"]
     table = evaluation["policies"]
     sft = table["sft"]
     metrics = {"wall_seconds": wall_seconds, "reward_model_accuracy": evaluation["reward_model_pairwise_accuracy"]}
+    intervals: dict[str, list[float]] = {}
     for name, row in table.items():
         metrics[f"{name}/oracle_mean"] = row["oracle_mean"]
     for name in (name for name in table if name not in REFERENCE_POLICIES):
         row = table[name]
-        metrics[f"{name}/oracle_gain"] = row["oracle_mean"] - sft["oracle_mean"]
-        metrics[f"{name}/win_rate"] = row["win_rate_vs_sft"]
-        metrics[f"{name}/kl_to_sft"] = row["kl_to_sft_mean"]
-        metrics[f"{name}/distinct_2_ratio"] = row["distinct_2"] / sft["distinct_2"]
-        metrics[f"{name}/length_ratio"] = row["mean_length_words"] / sft["mean_length_words"]
-    return metrics
+        for metric, field in INTERVAL_METRICS.items():
+            if row.get(field) is not None:
+                metrics[f"{name}/{metric}"] = row[field]
+                intervals[f"{name}/{metric}"] = row[f"{field}_ci95"]
+        metrics[f"{name}/distinct_2_ratio"] = ratio(row["distinct_2"], sft["distinct_2"])
+        metrics[f"{name}/length_ratio"] = ratio(row["mean_length_words"], sft["mean_length_words"])
+    return metrics, intervals
+
+
+def ratio(value: float, reference: float) -> float | None:
+    """None where SFT's figure is 0 (an untrained tiny model's empty answers): no ratio to judge."""
+    return value / reference if reference else None
 
 
 def stage_seconds(summary: dict) -> dict[str, float]:
@@ -101,7 +124,9 @@ def run_seed(seed: int, root: Path, arguments: argparse.Namespace) -> dict:
     if completed.returncode != 0 or not lines:
         raise SystemExit(f"seed {seed}: the flow failed (exit {completed.returncode}); see {root / 'flow.log'}")
     summary = json.loads(lines[-1])
-    record = {"seed": seed, "metrics": seed_metrics(summary, wall), "stage_seconds": stage_seconds(summary)}
+    metrics, intervals = seed_metrics(summary, wall)
+    record = {"seed": seed, "metrics": metrics, "intervals": intervals, "stage_seconds": stage_seconds(summary),
+              "evaluation": {key: summary["evaluation"].get(key) for key in ("held_out_prompts", "intervals", "sampled_kl")}}
     record_path.write_text(json.dumps(record, indent=2))
     print(f"seed {seed}: done in {wall:.0f} s", flush=True)
     return record
@@ -116,28 +141,72 @@ def meets(comparison: str, threshold, value: float) -> bool:
     return low <= value <= high
 
 
+def judge_floors(metrics: dict[str, float]) -> dict[str, bool | None]:
+    """Each floor's verdict on one seed's figures: True met, False missed, None where the
+    stage did not run. Judged per seed: a floor met on the mean but missed by one seed is
+    missed on that seed."""
+    verdicts: dict[str, bool | None] = {}
+    for label, metric, comparison, threshold in TARGETS:
+        verdicts[label] = meets(comparison, threshold, metrics[metric]) if metrics.get(metric) is not None else None
+    return verdicts
+
+
+def missed_floors(metrics: dict[str, float]) -> list[str]:
+    return [label for label, met in judge_floors(metrics).items() if met is False]
+
+
+def mean_over_seeds(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t-interval over seeds (None for one seed)."""
+    if len(values) < 2:
+        return fmean(values), None
+    return fmean(values), T_975.get(len(values) - 1, 1.96) * stdev(values) / math.sqrt(len(values))
+
+
+def figure(value: float, interval: list[float] | None = None) -> str:
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
+
+
 def report(records: list[dict]) -> bool:
-    names = list(records[0]["metrics"])
-    print(f"\n{'metric':<28}{'mean':>10}{'std':>10}{'min':>10}{'max':>10}   per seed")
+    """Print the per-seed table, the mean over seeds, and each seed's missed floors; True
+    when every seed meets every floor that applies."""
+    names = [name for name in records[0]["metrics"] if all(record["metrics"].get(name) is not None for record in records)]
+    seeds = [f"seed {record['seed']}" for record in records]
+    width = 26
+    print(f"\n{'metric':<28}" + "".join(f"{seed:>{width}}" for seed in seeds) + f"{'mean over seeds':>{width}}")
     for name in names:
-        values = [record["metrics"][name] for record in records]
-        per_seed = " ".join(f"{value:.3f}" for value in values)
-        print(f"{name:<28}{fmean(values):>10.3f}{pstdev(values):>10.3f}{min(values):>10.3f}{max(values):>10.3f}   {per_seed}")
+        cells = [figure(record["metrics"][name], record.get("intervals", {}).get(name)) for record in records]
+        mean, half_width = mean_over_seeds([record["metrics"][name] for record in records])
+        mean_cell = f"{mean:.3f} +- {half_width:.3f}" if half_width is not None else f"{mean:.3f}"
+        print(f"{name:<28}" + "".join(f"{cell:>{width}}" for cell in cells) + f"{mean_cell:>{width}}")
+    evaluation = records[0].get("evaluation") or {}
+    if evaluation.get("intervals"):
+        kl = evaluation.get("sampled_kl") or {}
+        print(f"\nBrackets: 95% paired bootstrap over each seed's {evaluation['held_out_prompts']} held-out prompts "
+              f"({evaluation['intervals']['resamples']} resamples), one response per prompt and policy; sampled_kl from "
+              f"{kl.get('samples_per_prompt')} samples per prompt at temperature 1. Mean over seeds: +- a 95% t-interval "
+              "over seeds.")
     stages = list(records[0]["stage_seconds"])
     if stages:
         print("\nstage seconds (mean over seeds): " + ", ".join(
-            f"{stage} {fmean(r['stage_seconds'][stage] or 0 for r in records):.0f}" for stage in stages))
-    print(f"\nTargets (mean over {len(records)} seed(s): {', '.join(str(r['seed']) for r in records)})")
+            f"{stage} {fmean(r['stage_seconds'].get(stage) or 0 for r in records):.0f}" for stage in stages))
+    print(f"\nFloors, judged on each seed ({len(TARGETS)} floors; n/a: the stage did not run, or no figure)")
     all_met = True
+    for record in records:
+        verdicts = judge_floors(record["metrics"])
+        missed = [label for label, met in verdicts.items() if met is False]
+        judged = sum(met is not None for met in verdicts.values())
+        all_met &= not missed
+        status = "meets every floor" if not missed else "MISSES " + "; ".join(
+            f"{label} ({record['metrics'][metric]:.3f})" for label, metric, _, _ in TARGETS if label in missed)
+        print(f"  seed {record['seed']}: {judged - len(missed)}/{judged} met, {status}")
     for label, metric, comparison, threshold in TARGETS:
-        if any(metric not in record["metrics"] for record in records):
-            print(f"  n/a      {label}: the stage did not run")
-            continue
-        value = fmean(record["metrics"][metric] for record in records)
-        met = meets(comparison, threshold, value)
-        all_met &= met
         bound = f"in [{threshold[0]}, {threshold[1]}]" if comparison == "within" else f"{comparison} {threshold}"
-        print(f"  {'MET    ' if met else 'NOT MET'}  {label}: {value:.3f} (target {bound})")
+        verdicts = [judge_floors(record["metrics"])[label] for record in records]
+        if all(met is None for met in verdicts):
+            print(f"  n/a      {label} (floor {bound})")
+            continue
+        met_count = sum(met is True for met in verdicts)
+        print(f"  {met_count}/{len(records)} seeds  {label} (floor {bound})")
     return all_met
 
 

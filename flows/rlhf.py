@@ -209,11 +209,20 @@ def publish_artifacts(plan: Plan, results: dict[str, StageResult]) -> None:
         markdown += ["", report]
         policies = json.loads((report_dir / "eval.json").read_text())["policies"]
         create_table_artifact(
-            [{"policy": name, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}} for name, row in policies.items()],
+            [{"policy": name, **{k: artifact_cell(v) for k, v in row.items()}} for name, row in policies.items()],
             key="rlhf-metrics",
             description="Evaluation metrics per policy on held-out prompts",
         )
     create_markdown_artifact("\n".join(markdown), key="rlhf-report", description="Evaluation and lineage of every output")
+
+
+def artifact_cell(value: Any) -> Any:
+    """A figure for the UI's table: 4 decimals; an interval as ``[low, high]`` text."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{bound:.4f}" for bound in value) + "]"
+    return value
 
 
 # The stages go through the task runner the run's config names (tasks/runners.py), built

@@ -258,6 +258,19 @@ class EvaluateSection(Section):
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0 = greedy).")
     batch_size: int = Field(16, ge=1, description="Prompts generated at once.")
     num_examples: int = Field(3, ge=0, description="Example responses per policy shown in the report.")
+    kl_samples: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="Responses sampled per held-out prompt at temperature 1 from each policy to estimate KL(policy || "
+        "SFT) (0 = no KL). Each costs about what the policy's greedy response and its scoring cost (README: the "
+        "sampled KL).",
+    )
+    bootstrap_resamples: int = Field(
+        2000,
+        ge=100,
+        description="Paired bootstrap resamples of the held-out prompts behind every 95% interval (gains, win rates, KL).",
+    )
 
 
 class TrackingSection(Section):

@@ -114,26 +114,83 @@ def generate_responses(
     return results
 
 
-@no_grad
 def response_logprobs(
     model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 16, system_prompt: str | None = None
 ) -> list[float]:
-    """Sum over response tokens of log p(token | prompt, earlier tokens) under ``model``."""
+    """Sum over response tokens of log p(token | prompt, earlier tokens) under ``model``;
+    each response is re-tokenized and closed by EOS."""
+    pairs = [(chat_prompt_ids(tokenizer, p, system_prompt), response_ids(tokenizer, r)) for p, r in zip(prompts, responses)]
+    return token_logprobs(model, pairs, tokenizer.pad_token_id, batch_size)
+
+
+@no_grad
+def token_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16) -> list[float]:
+    """Sum of log p(response token | prompt, earlier tokens) under ``model`` for each
+    (prompt ids, response ids) pair; the tokens are scored exactly as given."""
     import torch
 
     model.eval()
     totals: list[float] = []
-    for start in progress.batches(len(prompts), batch_size, "log-probabilities"):
-        prompt_ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in prompts[start : start + batch_size]]
-        answers = [response_ids(tokenizer, r) for r in responses[start : start + batch_size]]
-        ids, mask = _left_pad([p + r for p, r in zip(prompt_ids, answers)], tokenizer.pad_token_id)
+    for start in progress.batches(len(pairs), batch_size, "log-probabilities"):
+        batch = pairs[start : start + batch_size]
+        ids, mask = _left_pad([prompt + answer for prompt, answer in batch], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         with _autocast_for(model):
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        for row, response in enumerate(answers):
-            totals.append(float(logprobs[row, -len(response) :].sum()))
+        for row, (_, answer) in enumerate(batch):
+            totals.append(float(logprobs[row, -len(answer) :].sum()) if answer else 0.0)
     return totals
+
+
+@no_grad
+def sample_response_ids(
+    model,
+    tokenizer,
+    prompts: list[str],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    system_prompt: str | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids) for ``samples_per_prompt`` samples per prompt, prompt-major,
+    drawn at temperature 1 from the full distribution (no top-k, top-p or repetition penalty),
+    so they are samples of the policy itself, as a KL estimate needs. A response keeps its
+    EOS when it emitted one and stops at ``max_new_tokens`` otherwise; the token ids are
+    kept as sampled, never decoded and re-tokenized. Seeded per batch, so a batch's samples
+    do not depend on the batches before it."""
+    import torch
+
+    model.eval()
+    pairs: list[tuple[list[int], list[int]]] = []
+    prompts_per_batch = max(1, batch_size // samples_per_prompt)
+    for start in progress.batches(len(prompts), prompts_per_batch, "sampling"):
+        prompt_ids = [chat_prompt_ids(tokenizer, prompt, system_prompt) for prompt in prompts[start : start + prompts_per_batch]]
+        ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id)
+        torch.manual_seed(seed + start)
+        with _autocast_for(model):
+            output = model.generate(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=samples_per_prompt,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                min_p=None,
+                typical_p=1.0,
+                repetition_penalty=1.0,
+                no_repeat_ngram_size=0,
+            )
+        for row, generated in enumerate(output[:, ids.shape[1] :].tolist()):
+            if tokenizer.eos_token_id in generated:
+                generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+            pairs.append((prompt_ids[row // samples_per_prompt], generated))
+    return pairs
 
 
 @no_grad

@@ -196,7 +196,7 @@ def test_my_model_and_my_data_with_one_yaml_file(tmp_path: Path) -> None:
     assert set(evaluation["policies"]) >= {"base", "sft", "dpo", "ppo"}
     assert evaluation["oracle"] is None  # the user's task has no oracle: the reward model judges
     for policy, row in evaluation["policies"].items():
-        for metric in ("reward_model_mean", "win_rate_vs_sft", "kl_to_sft_mean", "mean_length_words", "distinct_2"):
+        for metric in ("reward_model_mean", "win_rate_vs_sft", "sampled_kl_to_sft", "mean_length_words", "distinct_2"):
             assert isinstance(row[metric], float), (policy, metric, row)
     assert 0.0 <= evaluation["reward_model_pairwise_accuracy"] <= 1.0
     report_dir = output("evaluate")

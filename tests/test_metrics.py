@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from pipeline_lib.metrics import distinct_n, mean_words, pairwise_accuracy, sequence_kl, win_rate
-from pipeline_lib.stages.evaluate import flatten_metrics, render_report
+import numpy as np
+import pytest
+import torch
+
+from pipeline_lib.generation import sample_response_ids, token_logprobs
+from pipeline_lib.metrics import (
+    bootstrap_interval,
+    distinct_n,
+    mean_words,
+    paired_differences,
+    pairwise_accuracy,
+    per_prompt_wins,
+    sampled_kl,
+    sequence_kl,
+    win_rate,
+)
+from pipeline_lib.models import load_causal_lm, load_tokenizer
+from pipeline_lib.stages.evaluate import flatten_metrics, policy_row, render_report
 
 
 def test_distinct_n_counts_unique_ngrams_across_all_responses() -> None:
@@ -44,6 +60,106 @@ def test_sequence_kl_is_policy_minus_reference_logprob() -> None:
     assert sequence_kl([-1.0, -5.0, -2.5], [-2.0, -4.0, -2.5]) == pytest.approx([1.0, -1.0, 0.0])
 
 
+def test_sampled_kl_averages_each_prompts_samples() -> None:
+    # two prompts, two samples each: ratios 1, -1 | 2, 4  -> 0, 3
+    assert sampled_kl([-1.0, -5.0, -1.0, 0.0], [-2.0, -4.0, -3.0, -4.0], samples_per_prompt=2) == pytest.approx([0.0, 3.0])
+    with pytest.raises(ValueError, match="whole number"):
+        sampled_kl([-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0], samples_per_prompt=2)
+
+
+def test_paired_differences_and_wins_per_prompt() -> None:
+    assert paired_differences([0.5, 0.0, 1.0], [0.25, 0.5, 1.0]) == pytest.approx([0.25, -0.5, 0.0])
+    assert per_prompt_wins([0.5, 0.0, 1.0], [0.25, 0.5, 1.0]) == [1.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match="equally long"):
+        paired_differences([1.0], [])
+
+
+def test_bootstrap_interval_contains_the_estimate_and_is_seeded() -> None:
+    rng = np.random.default_rng(7)
+    values = list(rng.normal(0.3, 0.5, size=40))
+    low, high = bootstrap_interval(values, resamples=2000, seed=3)
+    assert low < float(np.mean(values)) < high
+    assert bootstrap_interval(values, resamples=2000, seed=3) == (low, high)
+    assert bootstrap_interval(values, resamples=2000, seed=4) != (low, high)
+    # A normal mean's 95% interval is about +-1.96 sd/sqrt(n); the bootstrap's is close to it.
+    half_width = 1.96 * np.std(values) / np.sqrt(len(values))
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
+
+
+def test_bootstrap_interval_narrows_with_more_prompts() -> None:
+    rng = np.random.default_rng(0)
+    widths = []
+    for prompts in (20, 80, 320):
+        low, high = bootstrap_interval(list(rng.normal(0.0, 1.0, size=prompts)), resamples=2000, seed=0)
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[0] / widths[2] == pytest.approx(4.0, rel=0.25)  # width ~ 1 / sqrt(prompts)
+
+
+def test_bootstrap_interval_of_constant_values_is_a_point() -> None:
+    assert bootstrap_interval([0.5] * 10, resamples=200) == pytest.approx((0.5, 0.5))
+    with pytest.raises(ValueError):
+        bootstrap_interval([], resamples=200)
+
+
+def test_paired_bootstrap_is_narrower_than_the_unpaired_spread() -> None:
+    """Prompts differ far more than the policies do: pairing removes the prompts' share."""
+    rng = np.random.default_rng(1)
+    prompt_difficulty = rng.normal(0.0, 1.0, size=60)
+    baseline = list(prompt_difficulty + rng.normal(0.0, 0.1, size=60))
+    policy = list(prompt_difficulty + 0.2 + rng.normal(0.0, 0.1, size=60))
+    low, high = bootstrap_interval(paired_differences(policy, baseline), resamples=2000, seed=0)
+    assert 0.0 < low < 0.2 < high
+    unpaired_half_width = 1.96 * np.sqrt(np.var(policy) / 60 + np.var(baseline) / 60)
+    assert (high - low) / 2 < unpaired_half_width / 5
+
+
+def test_policy_row_intervals_contain_the_figures() -> None:
+    sft = {"responses": ["a b c", "d e", "f g h"], "reward": [0.0, 0.5, -0.5], "oracle": [0.1, 0.2, 0.0], "kl": [0.0] * 3}
+    dpo = {"responses": ["a b", "c d", "e f"], "reward": [1.0, 0.25, 0.5], "oracle": [0.6, 0.1, 0.5], "kl": [0.5, 1.5, 1.0]}
+    row = policy_row(dpo, sft, resamples=500, seed=0)
+    assert row["oracle_gain_vs_sft"] == pytest.approx(0.3)
+    assert row["reward_model_gain_vs_sft"] == pytest.approx(1.75 / 3)
+    assert row["win_rate_vs_sft"] == pytest.approx(2 / 3)
+    assert row["sampled_kl_to_sft"] == pytest.approx(1.0)
+    for metric in ("oracle_gain_vs_sft", "reward_model_gain_vs_sft", "win_rate_vs_sft", "sampled_kl_to_sft"):
+        low, high = row[f"{metric}_ci95"]
+        assert low <= row[metric] <= high, metric
+    reference = policy_row(sft, sft, resamples=500, seed=0)
+    assert reference["oracle_gain_vs_sft_ci95"] == [0.0, 0.0] and reference["win_rate_vs_sft_ci95"] == [0.5, 0.5]
+    no_oracle_no_kl = policy_row({**dpo, "oracle": [], "kl": []}, {**sft, "oracle": []}, resamples=500, seed=0)
+    assert no_oracle_no_kl["oracle_gain_vs_sft"] is None and no_oracle_no_kl["sampled_kl_to_sft_ci95"] is None
+
+
+def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(tiny_base_model: Path) -> None:
+    """KL from real samples of the tiny model: 0 against itself, > 0 against a perturbed copy, seeded."""
+    tokenizer = load_tokenizer(tiny_base_model)
+    policy = load_causal_lm(tiny_base_model)
+    other = load_causal_lm(tiny_base_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in other.model.layers[-1].mlp.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    prompts = ["Review the movie 'A'.", "Review the novel 'B'.", "Review the hotel 'C'."]
+    pairs = sample_response_ids(policy, tokenizer, prompts, samples_per_prompt=4, max_new_tokens=8, batch_size=8, seed=0)
+    assert len(pairs) == 12 and all(0 < len(answer) <= 8 for _, answer in pairs)
+    assert pairs == sample_response_ids(policy, tokenizer, prompts, samples_per_prompt=4, max_new_tokens=8, batch_size=8, seed=0)
+    policy_logprobs = token_logprobs(policy, pairs, tokenizer.pad_token_id)
+    assert sampled_kl(policy_logprobs, token_logprobs(policy, pairs, tokenizer.pad_token_id), 4) == pytest.approx([0.0] * 3, abs=1e-4)
+    to_other = sampled_kl(policy_logprobs, token_logprobs(other, pairs, tokenizer.pad_token_id), 4)
+    assert sum(to_other) / len(to_other) > 0.1
+
+
+def test_token_logprobs_match_one_sequence_at_a_time(tiny_base_model: Path) -> None:
+    """Left padding in a batch does not change a sequence's log-probability."""
+    tokenizer = load_tokenizer(tiny_base_model)
+    model = load_causal_lm(tiny_base_model)
+    pairs = [([1, 5, 9, 11], [20, 21]), ([1, 7], [30, 31, 32, 33]), ([1, 2, 3, 4, 5, 6], [40])]
+    batched = token_logprobs(model, pairs, tokenizer.pad_token_id, batch_size=3)
+    alone = [token_logprobs(model, [pair], tokenizer.pad_token_id, batch_size=1)[0] for pair in pairs]
+    assert batched == pytest.approx(alone, abs=1e-4)
+
+
 def test_mean_words() -> None:
     assert mean_words(["one two three", "four", "  five   six  "]) == pytest.approx(2.0)
     assert mean_words([]) == 0.0
@@ -57,12 +173,15 @@ def small_results() -> tuple[dict, dict, list[str]]:
     }
     results = {
         "policies": {
-            "sft": {"reward_model_mean": -0.0833, "win_rate_vs_sft": 0.5, "oracle_mean": 0.0333},
-            "dpo": {"reward_model_mean": 1.0833, "win_rate_vs_sft": 1.0, "oracle_mean": None},
+            "sft": {"reward_model_mean": -0.0833, "win_rate_vs_sft": 0.5, "win_rate_vs_sft_ci95": [0.5, 0.5], "oracle_mean": 0.0333},
+            "dpo": {"reward_model_mean": 1.0833, "win_rate_vs_sft": 1.0, "win_rate_vs_sft_ci95": [0.75, 1.0], "oracle_mean": None},
         },
         "reward_model_pairwise_accuracy": 0.875,
         "held_out_prompts": 3,
         "held_out_pairs": 8,
+        "intervals": {"confidence": 0.95, "resamples": 2000, "seed": 42, "prompts": 3},
+        "responses": {"per_prompt": 1, "temperature": 0.0, "max_new_tokens": 24},
+        "sampled_kl": {"samples_per_prompt": 4, "temperature": 1.0, "max_new_tokens": 24},
     }
     return results, per_policy, prompts
 
@@ -75,9 +194,12 @@ def test_render_report_has_the_table_and_the_requested_examples() -> None:
 
     assert "Held-out prompts: 3. Reward model pairwise accuracy on 8 held-out pairs: 0.875." in report
     assert "| policy | reward_model_mean | win_rate_vs_sft | oracle_mean |" in lines
-    assert "| sft | -0.083 | 0.500 | 0.033 |" in lines
-    assert "| dpo | 1.083 | 1.000 | n/a |" in lines
-    assert "![oracle score against KL to SFT](eval.png)" in lines
+    assert "| sft | -0.083 | 0.500 [0.500, 0.500] | 0.033 |" in lines
+    assert "| dpo | 1.083 | 1.000 [0.750, 1.000] | n/a |" in lines
+    assert "paired bootstrap over the 3 held-out prompts (2000 resamples, seed 42" in report
+    assert "one greedy response per prompt and policy" in report
+    assert "from 4 responses per prompt sampled at temperature 1 (12 per policy)" in report
+    assert "![oracle score against sampled KL to SFT](eval.png)" in lines
     assert [line for line in lines if line.startswith("**Prompt:**")] == [f"**Prompt:** {p}" for p in prompts[:2]]
     assert "- *dpo* (reward +1.50, oracle +0.62): Great book." in lines
     assert "- *sft* (reward +0.25, oracle +0.00): Okay book." in lines, "newlines in responses stay on one line"
@@ -101,8 +223,12 @@ def test_flatten_metrics_prefixes_each_policy() -> None:
         "reward_model_pairwise_accuracy": 0.875,
         "sft/reward_model_mean": -0.0833,
         "sft/win_rate_vs_sft": 0.5,
+        "sft/win_rate_vs_sft_ci95_low": 0.5,
+        "sft/win_rate_vs_sft_ci95_high": 0.5,
         "sft/oracle_mean": 0.0333,
         "dpo/reward_model_mean": 1.0833,
         "dpo/win_rate_vs_sft": 1.0,
+        "dpo/win_rate_vs_sft_ci95_low": 0.75,
+        "dpo/win_rate_vs_sft_ci95_high": 1.0,
         "dpo/oracle_mean": None,
     }

@@ -24,7 +24,10 @@ from pipeline_lib.data.files import read_jsonl, read_prompts
 from pipeline_lib.models import load_causal_lm, load_tokenizer
 from pipeline_lib.stages import reward, sft, training
 
-EVAL_METRICS = {"reward_model_mean", "win_rate_vs_sft", "oracle_mean", "kl_to_sft_mean", "mean_length_words", "distinct_2"}
+INTERVAL_METRICS = ("oracle_gain_vs_sft", "reward_model_gain_vs_sft", "win_rate_vs_sft", "sampled_kl_to_sft")
+EVAL_METRICS = {"oracle_mean", "reward_model_mean", "mean_length_words", "distinct_2", *INTERVAL_METRICS} | {
+    f"{metric}_ci95" for metric in INTERVAL_METRICS
+}
 
 
 @dataclass
@@ -151,8 +154,30 @@ def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: Tiny
     assert results["held_out_prompts"] == 8 and results["held_out_pairs"] == 8
     assert results["oracle"] == "vader"
     # SFT is the reference: against itself it ties every prompt and has no KL.
-    assert results["policies"]["sft"]["win_rate_vs_sft"] == 0.5
-    assert results["policies"]["sft"]["kl_to_sft_mean"] == 0.0
+    sft = results["policies"]["sft"]
+    assert sft["win_rate_vs_sft"] == 0.5 and sft["win_rate_vs_sft_ci95"] == [0.5, 0.5]
+    assert sft["sampled_kl_to_sft"] == 0.0 and sft["oracle_gain_vs_sft"] == 0.0
+    # Every other policy: intervals around its figures, and a KL from sampled responses.
+    for name in policies:
+        row = results["policies"][name]
+        for metric in INTERVAL_METRICS:
+            low, high = row[f"{metric}_ci95"]
+            assert low <= row[metric] <= high, (name, metric)
+        assert row["oracle_gain_vs_sft"] == pytest.approx(row["oracle_mean"] - sft["oracle_mean"])
+    # Base is another model than SFT: its KL comes from its own samples, one figure per prompt.
+    # (Its sign is left alone here: on the tiny models the estimate is within noise of 0;
+    # tests/test_metrics.py checks KL > 0 against a clearly different model.)
+    base_kl = [row["sampled_kl_to_sft"] for row in read_jsonl(output / "generations.jsonl") if row["policy"] == "base"]
+    assert len(base_kl) == 8 and all(value != 0.0 for value in base_kl)
+    config = tiny_pipeline.config.evaluate
+    assert results["intervals"] == {
+        "method": "paired percentile bootstrap over held-out prompts",
+        "confidence": 0.95,
+        "resamples": config.bootstrap_resamples,
+        "seed": tiny_pipeline.config.seed,
+        "prompts": 8,
+    }
+    assert results["sampled_kl"]["samples_per_prompt"] == config.kl_samples > 0
 
     generations = read_jsonl(output / "generations.jsonl")
     prompts = read_prompts(tiny_pipeline.data, "prompts_eval")
@@ -163,9 +188,20 @@ def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: Tiny
     report = (output / "report.md").read_text()
     for name in policies:
         assert f"| {name} |" in report
+    assert "paired bootstrap over the 8 held-out prompts" in report
     assert "(eval.png)" in report
     assert (output / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert tiny_pipeline.metrics["evaluate"]["sft/win_rate_vs_sft"] == 0.5
+    assert tiny_pipeline.metrics["evaluate"]["sft/win_rate_vs_sft_ci95_low"] == 0.5
+
+
+def test_evaluate_is_seeded(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """The same config gives the same figures, sampled KL and intervals included."""
+    ran = {name: tiny_pipeline.outputs[name] for name in ("data_prep", "sft", "reward", "dpo")}
+    again = registry.stage("evaluate").run(tiny_pipeline.config, registry.stage_inputs("evaluate", ran, tiny_pipeline.base), tmp_path)
+    first = tiny_pipeline.metrics["evaluate"]
+    assert again == {metric: value for metric, value in first.items() if metric in again}
+    assert {metric.split("/")[0] for metric in again if "/" in metric} == {"base", "sft", "dpo"}
 
 
 # --- failure rescue and resume -------------------------------------------------------
