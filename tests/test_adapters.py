@@ -60,9 +60,9 @@ def run_stages(base: Path, root: Path, overrides: list[str], names: list[str], m
     run = Run(config, base)
     original = training.save_model
 
-    def capturing_save(model, tokenizer, out_dir, stage, lineage, start_dir=None, section=None):
+    def capturing_save(model, tokenizer, out_dir, stage, lineage, **kwargs):
         run.trained[stage] = probe(model, tokenizer, scalar_head=stage == "reward")
-        original(model, tokenizer, out_dir, stage, lineage, start_dir=start_dir, section=section)
+        original(model, tokenizer, out_dir, stage, lineage, **kwargs)
 
     monkeypatch.setattr(training, "save_model", capturing_save)
     for name in names:
