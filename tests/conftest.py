@@ -35,6 +35,17 @@ def isolated_datasets_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+def benchmark_script(name: str):
+    """A script of benchmarks/ loaded as a module (they are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def harness():
     """One Prefect test harness (a temporary server) for every flow test of the session."""
