@@ -66,8 +66,8 @@ def config_file(config: PipelineConfig) -> Path:
     return CONFIG_DIR / f"{name}.yaml" if name in ACCELERATE_CONFIGS else Path(name).expanduser()
 
 
-def engine(config: PipelineConfig) -> str:
-    """accelerate's ``distributed_type`` for the configured engine (MULTI_GPU, FSDP, DEEPSPEED, ...)."""
+def accelerate_settings(config: PipelineConfig) -> dict[str, Any]:
+    """The configured accelerate config file, read and checked to be one."""
     import yaml
 
     path = config_file(config)
@@ -83,7 +83,12 @@ def engine(config: PipelineConfig) -> str:
         raise ConfigError(f"launch.accelerate_config: {path} is not valid YAML: {error}") from None
     if not isinstance(settings, dict) or not isinstance(settings.get("distributed_type"), str):
         raise ConfigError(f"launch.accelerate_config: {path} is not an accelerate config (no distributed_type)")
-    return settings["distributed_type"].upper()
+    return settings
+
+
+def engine(config: PipelineConfig) -> str:
+    """accelerate's ``distributed_type`` for the configured engine (MULTI_GPU, FSDP, DEEPSPEED, ...)."""
+    return accelerate_settings(config)["distributed_type"].upper()
 
 
 def check_launch(config: PipelineConfig, cuda_devices: int, cpu_cores: int, deepspeed_installed: bool) -> None:
@@ -92,7 +97,8 @@ def check_launch(config: PipelineConfig, cuda_devices: int, cpu_cores: int, deep
     processes = config.launch.num_processes
     if processes == 1 and config.launch.accelerate_config == "ddp":
         return
-    kind = engine(config)
+    settings = accelerate_settings(config)
+    kind = settings["distributed_type"].upper()
     if processes == 1:
         return
     if kind in ("FSDP", "DEEPSPEED"):
@@ -106,7 +112,7 @@ def check_launch(config: PipelineConfig, cuda_devices: int, cpu_cores: int, deep
                 f"launch.accelerate_config: {config.launch.accelerate_config!r} needs DeepSpeed: pip install deepspeed"
             )
         lora = [name for name, section in config.train_sections().items() if section.adapter == "lora"]
-        sharded = kind == "FSDP" or _zero_stage(config) == 3
+        sharded = kind == "FSDP" or (settings.get("deepspeed_config") or {}).get("zero_stage") == 3
         if lora and sharded:
             raise ConfigError(
                 f"launch.accelerate_config: {config.launch.accelerate_config!r} shards the weights, and publishing a "
@@ -117,13 +123,6 @@ def check_launch(config: PipelineConfig, cuda_devices: int, cpu_cores: int, deep
     devices, what = (cuda_devices, "CUDA GPUs") if cuda_devices else (cpu_cores, "CPU cores")
     if processes > devices:
         raise ConfigError(f"launch.num_processes: {processes} is more than the {devices} {what} of this machine")
-
-
-def _zero_stage(config: PipelineConfig) -> int | None:
-    import yaml
-
-    settings = yaml.safe_load(config_file(config).read_text())
-    return (settings.get("deepspeed_config") or {}).get("zero_stage")
 
 
 def check_launch_here(config: PipelineConfig) -> None:
