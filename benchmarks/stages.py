@@ -9,7 +9,8 @@ Stage directories are wiped first, so trainers never resume from an earlier run'
 checkpoints; the converted base model under ROOT/models is kept and reused.
 
 Prints a table (stage, wall seconds, peak RSS MiB, key metrics), then the eval table
-from evaluate/eval.json; ROOT/bench.json is rewritten after every stage. --from-stage
+from evaluate/eval.json, then data prep's sampling speed in new tokens/s against this
+machine's limit (benchmarks/sampling.py; --no-sampling skips it); ROOT/bench.json is rewritten after every stage. --from-stage
 reruns from that stage on, reusing earlier stages' outputs; --resume keeps stage directories
 (trainers then resume from their checkpoints, so wall times cover only the remainder).
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline_lib import registry  # noqa: E402
 
 STAGES = ("base_model", *registry.stage_names())
+SAMPLING_PROMPTS = 64  # training prompts sampled by the sampling section
 
 
 def key_metrics(name: str) -> tuple[str, ...]:
@@ -56,6 +58,10 @@ def _stage(name: str, cfg, root: Path, out_name: str):
     base = materialize_base_model(cfg.model, root / "models", sentiment_task.corpus())
     if name == "base_model":
         return {"path": str(base)}
+    if name == "sampling":
+        import sampling  # benchmarks/sampling.py, beside this script
+
+        return sampling.measure(cfg, base, SAMPLING_PROMPTS)
     earlier = {stage: root / stage for stage in STAGES[1 : STAGES.index(name)]}
     return registry.stage(name).run(cfg, registry.stage_inputs(name, earlier, base), root / out_name)
 
@@ -104,6 +110,7 @@ def main() -> int:
     parser.add_argument("--config", type=Path, help="YAML file layered over the preset (load_config's config_file)")
     parser.add_argument("--from-stage", choices=STAGES, default=STAGES[0], help="reuse the outputs of earlier stages")
     parser.add_argument("--resume", action="store_true", help="keep stage directories: trainers resume from checkpoints")
+    parser.add_argument("--no-sampling", action="store_true", help="skip the sampling section (tokens/s against the limit)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args()
     from pipeline_lib.config import load_config
@@ -142,6 +149,14 @@ def main() -> int:
         print(f"{'policy':<8}" + "".join(f"{m:>20}" for m in metrics))
         for name, row in policies.items():
             print(f"{name:<8}" + "".join(f"{_fmt(row[m]):>20}" for m in metrics))
+    if not args.no_sampling and not rows[-1]["error"]:
+        import sampling  # benchmarks/sampling.py, beside this script
+
+        result = run_in_child("sampling", cfg, root)
+        if result["error"]:
+            print(result["error"], file=sys.stderr)
+            return 1
+        sampling.print_report(result["metrics"])
     return 1 if rows[-1]["error"] else 0
 
 

@@ -98,6 +98,9 @@ class DataSection(Section):
     )
     sample_max_new_tokens: int = Field(40, ge=4, le=512, description="Embedded task: length limit of sampled responses.")
     sample_temperature: float = Field(1.0, gt=0, le=2, description="Embedded task: sampling temperature for pair generation.")
+    sample_batch_size: int = Field(
+        32, ge=1, le=1024, description="Embedded task: prompts sampled at once, each with samples_per_prompt responses."
+    )
 
 
 class LoRASection(Section):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.generation import sample_response_ids, token_logprobs
+from pipeline_lib.generation import InverseCdfSampler, generate_responses, sample_response_ids, token_logprobs
 from pipeline_lib.metrics import (
     bootstrap_interval,
     distinct_n,
@@ -148,6 +148,38 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(ti
     assert sampled_kl(policy_logprobs, token_logprobs(policy, pairs, tokenizer.pad_token_id), 4) == pytest.approx([0.0] * 3, abs=1e-4)
     to_other = sampled_kl(policy_logprobs, token_logprobs(other, pairs, tokenizer.pad_token_id), 4)
     assert sum(to_other) / len(to_other) > 0.1
+
+
+def test_the_sampler_draws_from_the_softmax_at_its_temperature() -> None:
+    """Frequencies of 40,000 draws (rows of one batch) match softmax(logits / T) at T=1
+    and T=0.5, the same seed draws the same tokens, and a row is -inf but for its token."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    for temperature in (1.0, 0.5):
+        scores = logits.repeat(40_000, 1)
+        chosen = InverseCdfSampler(temperature, seed=3)(None, scores)
+        assert bool(((chosen == 0).sum(dim=1) == 1).all()) and bool(torch.isinf(chosen).sum(dim=1).eq(4).all())
+        counts = torch.bincount(chosen.argmax(dim=1), minlength=5).float() / 40_000
+        assert counts.tolist() == pytest.approx(torch.softmax(logits / temperature, dim=0).tolist(), abs=0.01)
+        assert torch.equal(chosen, InverseCdfSampler(temperature, seed=3)(None, scores))
+    assert not torch.equal(InverseCdfSampler(1.0, seed=3)(None, scores), InverseCdfSampler(1.0, seed=4)(None, scores))
+
+
+def test_generated_responses_come_back_in_the_prompts_order(tiny_base_model: Path) -> None:
+    """Prompts are batched by length, and each response still lands at its own prompt:
+    greedy responses are the same whatever the batch size."""
+    tokenizer = load_tokenizer(tiny_base_model)
+    model = load_causal_lm(tiny_base_model)
+    prompts = ["Review it.", "Review the movie 'A long title here' please.", "Hi.", "Review the novel 'B'."]
+    alone = [generate_responses(model, tokenizer, [prompt], max_new_tokens=6, batch_size=1)[0] for prompt in prompts]
+    assert generate_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=3) == alone
+    # Several copies of a prompt share its encoding (a KV cache repeated per copy): greedy
+    # copies are each the greedy response.
+    assert generate_responses(model, tokenizer, prompts, max_new_tokens=6, num_return_sequences=2, batch_size=3) == [
+        [texts[0], texts[0]] for texts in alone
+    ]
+    sampled = generate_responses(model, tokenizer, prompts, 6, temperature=1.0, num_return_sequences=3, batch_size=2, seed=5)
+    assert [len(texts) for texts in sampled] == [3, 3, 3, 3]
+    assert sampled == generate_responses(model, tokenizer, prompts, 6, temperature=1.0, num_return_sequences=3, batch_size=2, seed=5)
 
 
 def test_token_logprobs_match_one_sequence_at_a_time(tiny_base_model: Path) -> None:

@@ -50,7 +50,7 @@ def _sample_pairs(
             max_new_tokens=data.sample_max_new_tokens,
             temperature=data.sample_temperature,
             num_return_sequences=data.samples_per_prompt,
-            batch_size=16,
+            batch_size=data.sample_batch_size,
             seed=seed,
             system_prompt=config.model.system_prompt,
         )
