@@ -66,25 +66,28 @@ def _stage(name: str, cfg, root: Path, out_name: str):
     return registry.stage(name).run(cfg, registry.stage_inputs(name, earlier, base), root / out_name)
 
 
-def _child(name: str, cfg, root: Path, queue, out_name: str) -> None:
+def _child(name: str, cfg, root: Path, queue, out_name: str, stage=None) -> None:
+    """Run ``stage(name, cfg, root, out_name)`` (default: the pipeline's own stage) and put
+    its metrics, error and peak RSS on ``queue``."""
     import logging
 
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(levelname)s %(name)s: %(message)s")
     try:
-        metrics, error = _stage(name, cfg, root, out_name), None
+        metrics, error = (stage or _stage)(name, cfg, root, out_name), None
     except BaseException:  # report and let the parent decide
         metrics, error = {}, traceback.format_exc()
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     queue.put({"metrics": metrics, "error": error, "peak_rss_mib": rss_mib})
 
 
-def run_in_child(name: str, cfg, root: Path, out_name: str | None = None) -> dict:
+def run_in_child(name: str, cfg, root: Path, out_name: str | None = None, target=None) -> dict:
     """Run one stage (inputs: the earlier stages' directories under ``root``) into
     ``root/out_name`` (default: its name) in a fresh process; its metrics, error, peak RSS
-    and wall seconds."""
+    and wall seconds. ``target`` replaces this module's ``_child`` (same arguments; it must
+    put one such result on the queue), as ``benchmarks/peers.py`` does for TRL's bare trainers."""
     queue = mp.get_context("spawn").Queue()
     start = time.perf_counter()
-    process = mp.get_context("spawn").Process(target=_child, args=(name, cfg, root, queue, out_name or name))
+    process = mp.get_context("spawn").Process(target=target or _child, args=(name, cfg, root, queue, out_name or name))
     process.start()
     while True:  # read before join (a full pipe would block the child); notice a killed child
         try:
