@@ -328,6 +328,14 @@ def table(results: dict) -> list[str]:
         f"whole pipeline: the flow {flow['wall_s']:.0f} s; the course's scripts one after another {course_total:.0f} s "
         f"(data prep and evaluation {shared:.0f} s, the same both ways, plus the four stages): {course_total / flow['wall_s']:.2f}x"
     )
+    speedups = {name: results["course"][name]["wall_s"] / results["ours"][name]["wall_s"] for name in TRAINING}
+    worse = [name for name in TRAINING if (quality(results, "ours", name) or 0.0) < (quality(results, "course", name) or 0.0)]
+    lines.append(
+        "aims: reward and DPO >= 1.5x faster: "
+        + ", ".join(f"{name} {speedups[name]:.2f}x {'met' if speedups[name] >= 1.5 else 'MISSED'}" for name in ("reward", "dpo"))
+        + f"; whole pipeline >= 1.5x: {course_total / flow['wall_s']:.2f}x {'met' if course_total >= 1.5 * flow['wall_s'] else 'MISSED'}"
+        + f"; quality at least the course's on every stage: {'met' if not worse else 'MISSED on ' + ', '.join(worse)}"
+    )
     return lines
 
 
