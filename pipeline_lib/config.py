@@ -190,6 +190,12 @@ class PPOSection(TrainSection):
     num_mini_batches: int = Field(1, ge=1, description="Mini-batches per rollout batch.")
     temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature of rollouts.")
     missing_eos_penalty: float | None = Field(None, description="Reward subtracted from responses that never end.")
+    max_kl: float | None = Field(
+        None,
+        gt=0,
+        description="Early stopping on KL: when a batch's rollouts are further than this from SFT (TRL's objective/kl, "
+        "nats per response), training stops and keeps the last policy whose rollouts stayed within it. None: never stop.",
+    )
 
     @model_validator(mode="after")
     def _mini_batches_divide_the_batch(self) -> "PPOSection":

@@ -143,6 +143,42 @@ def test_ppo_trains_the_policy_top_layers(tiny_pipeline: TinyPipeline) -> None:
     assert_model_card(output, tiny_pipeline.outputs["sft"], tiny_pipeline.outputs["reward"], tiny_pipeline.data)
 
 
+def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None:
+    """Batch k's rollouts measure the policy from before update k: when they pass
+    ``max_kl`` the weights go back to the policy before that one, and training stops."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.stages.ppo_reward import KlEarlyStop
+
+    policy = torch.nn.Linear(1, 1, bias=False)
+    stop = KlEarlyStop(policy, max_kl=3.0)
+    with torch.no_grad():
+        policy.weight.fill_(0.0)
+    stop.on_train_begin(None, None, None)
+    for update, kl in enumerate([0.0, 1.0, 2.0], start=1):  # each logged after update k, measuring policy k-1
+        with torch.no_grad():
+            policy.weight.fill_(float(update))
+        stop.on_log(None, SimpleNamespace(episode=16 * update), None, logs={"objective/kl": kl})
+    with torch.no_grad():
+        policy.weight.fill_(4.0)
+    with pytest.raises(training.StopTraining, match="episode 64: its rollouts were 5.00 nats"):
+        stop.on_log(None, SimpleNamespace(episode=64), None, logs={"objective/kl": 5.0})  # policy 3 is past the limit
+    assert policy.weight.item() == 2.0 and stop.stopped_at_episode == 64 and stop.kept_kl == 2.0
+
+
+def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """With a limit no update can stay within, the stage stops at the second batch (whose
+    rollouts measure the first update) and saves the SFT policy it started from."""
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.max_kl = 1e-9
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    batch = config.ppo.per_device_train_batch_size * config.ppo.gradient_accumulation_steps
+    assert metrics["stopped_early_at_episode"] == 2 * batch
+    sft, ppo = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
+    assert sft.keys() == ppo.keys() and all(torch.equal(sft[name], ppo[name]) for name in sft)
+
+
 def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: TinyPipeline) -> None:
     output = tiny_pipeline.outputs["evaluate"]
     policies = ["base", *registry.policy_names()]

@@ -45,7 +45,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from pipeline_lib.stages.ppo_reward import EosClosedReward
+    from pipeline_lib.stages.ppo_reward import EosClosedReward, KlEarlyStop
 
     # --- setup
     section = config.ppo
@@ -106,6 +106,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         value_model=value_model,
         train_dataset=train_dataset,
     )
+    kl_stop = KlEarlyStop(policy, section.max_kl) if section.max_kl is not None else None
+    if kl_stop is not None:
+        trainer.add_callback(kl_stop)
     training.train_resumable("ppo", trainer, out_dir, resume=False)
     # --- save: the policy only (TRL's save_model unwraps it from the value model)
     history = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
@@ -121,6 +124,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "first_reward_model_score": first.get("objective/scores"),
         "final_reward_model_score": last.get("objective/scores"),
         "final_kl": last.get("objective/kl"),
+        "stopped_early_at_episode": kl_stop.stopped_at_episode if kl_stop else None,
         "logged_losses": len(history),
         "resumed_from_checkpoint": False,
         "tracking_run_id": training.tracking.finish(),

@@ -1,9 +1,16 @@
-"""The reward model as PPO reads it (``EosClosedReward``), a module of its own so that the
-PPO stage's module imports without torch."""
+"""The reward model as PPO reads it (``EosClosedReward``) and PPO's early stopping on KL
+(``KlEarlyStop``), a module of their own so that the PPO stage's module imports without torch."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+import transformers
+
+from pipeline_lib.stages.training import StopTraining
+
+logger = logging.getLogger("pipeline_lib.stages.training")
 
 
 class EosClosedReward(torch.nn.Module):
@@ -46,3 +53,48 @@ class EosClosedReward(torch.nn.Module):
         closed[open_rows, end] = hidden[open_rows, end + 1]
         output.hidden_states = (*output.hidden_states[:-1], closed)
         return output
+
+
+class KlEarlyStop(transformers.TrainerCallback):
+    """Ends PPO when a batch's rollouts are further than ``max_kl`` from SFT, keeping the last
+    policy whose rollouts stayed within it (``ppo.max_kl``).
+
+    On the default task, PPO that collapses onto one opening does so as its KL to SFT runs
+    away (one seed's rollouts went 1.7, 3.7, 5.4 nats in three batches while their entropy
+    fell by a quarter). TRL logs the KL (``objective/kl``) of each batch's rollouts after
+    updating on them, so the rollouts of batch k measure the policy from before update k.
+    When they pass the limit, that policy is already past it, so the trainable weights go
+    back to the policy before it: the one whose rollouts were last measured within the
+    limit. A snapshot is a copy of the trainable parameters only (the top layers, or the
+    LoRA adapters)."""
+
+    def __init__(self, policy: torch.nn.Module, max_kl: float):
+        self.policy, self.max_kl = policy, max_kl
+        self.within: dict[str, torch.Tensor] | None = None  # the last policy measured within the limit
+        self.previous: dict[str, torch.Tensor] | None = None  # the policy the next batch's rollouts measure
+        self.stopped_at_episode: int | None = None
+        self.kept_kl: float | None = None
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.policy.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous = self._snapshot()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        kl = (logs or {}).get("objective/kl")
+        if kl is None:
+            return
+        if kl <= self.max_kl:
+            self.within, self.previous, self.kept_kl = self.previous, self._snapshot(), kl
+            return
+        self.stopped_at_episode = state.episode
+        kept = self.within if self.within is not None else self.previous
+        with torch.no_grad():
+            for name, parameter in self.policy.named_parameters():
+                if name in kept:
+                    parameter.copy_(kept[name])
+        raise StopTraining(
+            f"stopped at episode {state.episode}: its rollouts were {kl:.2f} nats from SFT, past ppo.max_kl={self.max_kl}; "
+            f"keeping the policy whose rollouts were {self.kept_kl if self.kept_kl is not None else 0.0:.2f}"
+        )

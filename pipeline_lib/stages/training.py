@@ -91,6 +91,11 @@ def no_example_fits(stage: str, max_length: int | None) -> StageFailed:
     return StageFailed(f"{stage} failed: no training example fits {stage}.max_length={max_length}; raise {stage}.max_length")
 
 
+class StopTraining(Exception):
+    """A callback's way to end training where it stands, with the model as the callback left
+    it: TRL's PPO loop never reads ``control.should_training_stop``. Not a failure."""
+
+
 def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> dict[str, Any]:
     """Train (resuming from the last checkpoint when there is one); rescue the model on failure."""
     examples = getattr(trainer, "train_dataset", None)
@@ -106,6 +111,9 @@ def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> 
         logger.info("%s: resuming from %s (%s)", stage, Path(checkpoint).name, checkpoint)
     try:
         result = trainer.train(resume_from_checkpoint=checkpoint) if resume else trainer.train()
+    except StopTraining as stop:
+        logger.info("%s: %s", stage, stop)
+        result = None
     except BaseException as error:
         if is_main_process():
             _rescue(trainer, stage, Path(out_dir) / "failed", error)
