@@ -134,11 +134,12 @@ def plot_frontier(points: list[dict], path: Path, title: str) -> None:
     from pipeline_lib.stages.evaluate import frontier_axes
 
     figure, axes = plt.subplots(figsize=(7, 5))
-    frontier_axes(axes, points, title)
-    for method, (_, _, color) in SWEEPS.items():
+    # Swept points are labelled by their setting alone; the legend names the setting.
+    frontier_axes(axes, [{**p, "name": f"{p['value']:g}"} if p.get("method") else p for p in points], title)
+    for method, (setting, _, color) in SWEEPS.items():
         swept = sorted((p for p in points if p.get("method") == method and p["kl"] is not None), key=lambda p: p["value"])
         if swept:
-            axes.plot([p["kl"] for p in swept], [p["oracle"] for p in swept], color=color, alpha=0.5, label=method)
+            axes.plot([p["kl"] for p in swept], [p["oracle"] for p in swept], color=color, alpha=0.5, label=f"{method} ({setting})")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
