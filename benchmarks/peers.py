@@ -5,6 +5,7 @@
     python benchmarks/peers.py --preset tiny --set tracking.mode=disabled     # the mechanics, in two minutes
     python benchmarks/peers.py --reuse               # re-print from ROOT/peers.json
     python benchmarks/peers.py --keep-flow           # stages again, over the finished flow run under ROOT
+    python benchmarks/peers.py --keep-flow --resume  # only the stages ROOT/peers.json lacks
 
 What runs, in order, under the output root:
 
@@ -273,12 +274,18 @@ def measure(args, cfg, root: Path) -> dict:
         flow = run_flow(args, root)
         flow_json.write_text(json.dumps(flow, indent=2))
     results: dict = {"preset": args.preset, "seed": args.seed, "overrides": args.overrides, "flow": flow, "ours": {}, "course": {}}
+    if args.resume and (root / "peers.json").is_file():  # keep the stages that finished
+        earlier = json.loads((root / "peers.json").read_text())
+        for way in ("ours", "course"):
+            results[way] = {name: result for name, result in earlier.get(way, {}).items() if not result.get("error")}
     for way in ("ours", "course"):
         (root / way).mkdir(parents=True, exist_ok=True)
         _link(Path(flow["data_prep"]), root / way / "data_prep")
         _link(root / "flow" / "models", root / way / "models")
     for name in TRAINING:
         for way, target in (("ours", None), ("course", _course_child)):
+            if name in results[way]:
+                continue
             shutil.rmtree(root / way / name, ignore_errors=True)  # never resume an earlier run's checkpoints
             result = harness.run_in_child(name, cfg, root / way, target=target)
             results[way][name] = result
@@ -347,6 +354,7 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--reuse", action="store_true", help="re-print from ROOT/peers.json")
     parser.add_argument("--keep-flow", action="store_true", help="reuse the finished flow run under ROOT (ROOT/flow.json)")
+    parser.add_argument("--resume", action="store_true", help="with --keep-flow: keep the stages ROOT/peers.json has, run the rest")
     args = parser.parse_args()
     root = args.output_root.resolve()
     if args.reuse:
