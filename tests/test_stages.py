@@ -168,13 +168,14 @@ def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None
 
 def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
     """With a limit no update can stay within, the stage stops at the second batch (whose
-    rollouts measure the first update) and saves the SFT policy it started from."""
+    rollouts measure the first update), or at the first when SFT's own rollouts measure a
+    rounding error past it, and either way saves the SFT policy it started from."""
     config = tiny_pipeline.config.model_copy(deep=True)
     config.ppo.max_kl = 1e-9
     inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
     metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
     batch = config.ppo.per_device_train_batch_size * config.ppo.gradient_accumulation_steps
-    assert metrics["stopped_early_at_episode"] == 2 * batch
+    assert metrics["stopped_early_at_episode"] in (batch, 2 * batch)
     sft, ppo = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
     assert sft.keys() == ppo.keys() and all(torch.equal(sft[name], ppo[name]) for name in sft)
 
