@@ -83,6 +83,13 @@ class DataSection(Section):
         "fixed positive/negative reviews (tests).",
     )
     samples_per_prompt: int = Field(4, ge=2, le=16, description="Embedded task: samples drawn per prompt to form a pair.")
+    eval_samples_per_prompt: int | None = Field(
+        None,
+        ge=2,
+        le=16,
+        description="Embedded task: samples drawn per held-out prompt, whose pairs judge the reward model (more samples, "
+        "more held-out pairs, a tighter accuracy). None: samples_per_prompt.",
+    )
     pair_margin: float = Field(0.3, ge=0, le=2, description="Embedded task: minimum oracle-score gap between chosen and rejected.")
     pairs_per_prompt: int = Field(
         1, ge=1, le=120, description="Embedded task: DPO pairs kept per prompt, widest oracle gap first (1 = best against worst)."
@@ -190,6 +197,12 @@ class PPOSection(TrainSection):
     num_mini_batches: int = Field(1, ge=1, description="Mini-batches per rollout batch.")
     temperature: float = Field(0.7, gt=0, le=2, description="Sampling temperature of rollouts.")
     missing_eos_penalty: float | None = Field(None, description="Reward subtracted from responses that never end.")
+    normalize_reward: bool = Field(
+        True,
+        description="Standardise the reward model's scores to mean 0 and standard deviation 1 over the responses of "
+        "the training pairs before PPO (as Ziegler et al. 2019 normalise theirs), so kl_coef weighs nats of KL against "
+        "standard deviations of reward whatever scale the reward model learned.",
+    )
     max_kl: float | None = Field(
         None,
         gt=0,

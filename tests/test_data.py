@@ -402,6 +402,7 @@ def _prepare_from_samples(tiny_config, tmp_path: Path, monkeypatch: pytest.Monke
 
     def fake_generate(model, tokenizer, prompts, **options):
         seen.update(options)
+        seen.setdefault("samples_per_call", []).append(options["num_return_sequences"])
         return [list(SAMPLES) for _ in prompts]
 
     monkeypatch.setattr(generation, "generate_responses", fake_generate)
@@ -437,6 +438,17 @@ def test_sampled_pairs_give_dpo_the_widest_pair_and_the_reward_model_every_pair(
         {"prompt": row["prompt"], "completion": expected[0]["chosen"]} for row in prompts
     ]
     assert seen["system_prompt"] == "" and seen["num_return_sequences"] == config.data.samples_per_prompt
+
+
+def test_held_out_prompts_draw_their_own_number_of_samples(tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.eval_samples_per_prompt: held-out prompts are sampled that many times (training
+    prompts samples_per_prompt times), and their reward pairs rank every sample drawn."""
+    config, out_dir, seen = _prepare_from_samples(tiny_config, tmp_path, monkeypatch, eval_samples_per_prompt=6)
+    assert seen["samples_per_call"] == [config.data.samples_per_prompt, 6] and config.data.samples_per_prompt != 6
+    _, _, default = _prepare_from_samples(tiny_config, tmp_path / "default", monkeypatch)
+    assert default["samples_per_call"] == [config.data.samples_per_prompt] * 2
+    held_out = read_jsonl(out_dir / "reward_eval.jsonl")
+    assert len(held_out) == len(read_jsonl(out_dir / "prompts_eval.jsonl")) * len(sentiment_task.rank_samples("p", SAMPLES, 0.3, 6))
 
 
 def test_word_prefixes_cut_at_word_boundaries_and_never_keep_the_whole_text() -> None:

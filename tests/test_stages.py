@@ -143,6 +143,41 @@ def test_ppo_trains_the_policy_top_layers(tiny_pipeline: TinyPipeline) -> None:
     assert_model_card(output, tiny_pipeline.outputs["sft"], tiny_pipeline.outputs["reward"], tiny_pipeline.data)
 
 
+def test_ppo_reads_the_reward_standardised_and_the_value_head_on_the_same_scale(tiny_pipeline: TinyPipeline) -> None:
+    """``ppo.normalize_reward``: PPO's reward is (score - mean) / std over the training pairs'
+    responses, and the value model (which starts from the reward model) predicts on that scale."""
+    from pipeline_lib.data.files import read_split
+    from pipeline_lib.generation import reward_scores
+    from pipeline_lib.models import load_sequence_classifier
+    from pipeline_lib.stages.ppo_reward import EosClosedReward, standardize_scores
+
+    assert tiny_pipeline.config.ppo.normalize_reward
+    metrics = tiny_pipeline.metrics["ppo"]
+    tokenizer = load_tokenizer(tiny_pipeline.outputs["reward"])
+    reward_model = load_sequence_classifier(tiny_pipeline.outputs["reward"], tokenizer.pad_token_id)
+    value_model = load_sequence_classifier(tiny_pipeline.outputs["reward"], tokenizer.pad_token_id)
+    pairs = read_split(tiny_pipeline.data, "pairs_train")
+    prompts = [pair["prompt"] for pair in pairs] * 2
+    responses = [pair["chosen"] for pair in pairs] + [pair["rejected"] for pair in pairs]
+    system_prompt = tiny_pipeline.config.model.system_prompt
+    scores = torch.tensor(reward_scores(reward_model, tokenizer, prompts, responses, system_prompt=system_prompt))
+    # The stage standardised by the statistics of exactly these responses.
+    assert metrics["reward_mean"] == pytest.approx(scores.mean().item(), abs=1e-4)
+    assert metrics["reward_std"] == pytest.approx(scores.std().item(), rel=1e-4)
+
+    head_before = value_model.score.weight.detach().clone()
+    mean, std = standardize_scores(scores.tolist(), value_model)
+    assert torch.allclose(value_model.score.weight, head_before / std)
+    hidden = torch.randn(3, head_before.shape[1])
+    wrapped = EosClosedReward(reward_model, tokenizer.eos_token_id, mean, std)
+    assert torch.allclose(wrapped.score(hidden), (reward_model.score(hidden) - mean) / std)
+    # Standardised, the responses' own scores have mean 0 and deviation 1.
+    standardised = (scores - mean) / std
+    assert abs(standardised.mean().item()) < 1e-5 and standardised.std().item() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="same score"):
+        standardize_scores([0.5, 0.5, 0.5], value_model)
+
+
 def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None:
     """Batch k's rollouts measure the policy from before update k: when they pass
     ``max_kl`` the weights go back to the policy before that one, and training stops."""

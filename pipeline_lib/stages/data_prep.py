@@ -29,7 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def _sample_pairs(
-    config: PipelineConfig, base_model_dir: Path, prompts: list[str], seed: int, prefix_fractions: list[float]
+    config: PipelineConfig,
+    base_model_dir: Path,
+    prompts: list[str],
+    seed: int,
+    prefix_fractions: list[float],
+    samples_per_prompt: int,
 ) -> tuple[list, list, dict]:
     """Sample the base model, rank with the oracle: (policy pairs, reward pairs, stats).
 
@@ -49,7 +54,7 @@ def _sample_pairs(
             prompts,
             max_new_tokens=data.sample_max_new_tokens,
             temperature=data.sample_temperature,
-            num_return_sequences=data.samples_per_prompt,
+            num_return_sequences=samples_per_prompt,
             batch_size=data.sample_batch_size,
             seed=seed,
             system_prompt=config.model.system_prompt,
@@ -81,10 +86,12 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
         pairs_eval = reward_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
     else:
         pairs_train, reward_train, stats = _sample_pairs(
-            config, base_model_dir, train_prompts, config.seed, data.reward_prefix_fractions
+            config, base_model_dir, train_prompts, config.seed, data.reward_prefix_fractions, data.samples_per_prompt
         )
         # Held-out pairs stay whole responses: the reward model is judged on what it will score.
-        pairs_eval, reward_eval, eval_stats = _sample_pairs(config, base_model_dir, eval_prompts, config.seed + 1, [])
+        pairs_eval, reward_eval, eval_stats = _sample_pairs(
+            config, base_model_dir, eval_prompts, config.seed + 1, [], data.eval_samples_per_prompt or data.samples_per_prompt
+        )
         stats["held_out_sample_oracle_mean"] = eval_stats["sample_oracle_mean"]
     if len(pairs_train) < 2 or not pairs_eval:
         raise DataValidationError(

@@ -4,7 +4,9 @@ Inputs: the SFT model directory (policy start and frozen reference), the reward 
 directory (the reward, and the start of the value model, as in TRL's PPO recipe) and
 data prep's ``prompts_train.jsonl``. Rollouts of ``ppo.response_length`` tokens are
 scored by the reward model, never by the oracle; ``ppo.kl_coef`` penalises drift from
-SFT.
+SFT. With ``ppo.normalize_reward`` (the default) the reward model's scores are first
+standardised over the training pairs' responses, so ``kl_coef`` means nats of KL per
+standard deviation of reward for every reward model.
 
 Departures: TRL removed PPO in 1.13; we pin 1.12.x. Upstream says PPO checkpoint resume
 does not work, so an interrupted PPO stage restarts from SFT (its checkpoints are not
@@ -29,14 +31,14 @@ from typing import Any
 
 from pipeline_lib import adapters
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.generation import chat_prompt_ids
+from pipeline_lib.generation import chat_prompt_ids, reward_scores
 from pipeline_lib.models import (
     freeze_all_but_top_k,
     load_sequence_classifier,
     load_tokenizer,
     torch_dtype,
 )
-from pipeline_lib.data.files import read_prompts
+from pipeline_lib.data.files import read_prompts, read_split
 from pipeline_lib.stages import Stage, training
 
 
@@ -45,7 +47,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from pipeline_lib.stages.ppo_reward import EosClosedReward, KlEarlyStop
+    from pipeline_lib.stages.ppo_reward import EosClosedReward, KlEarlyStop, standardize_scores
 
     # --- setup
     section = config.ppo
@@ -83,6 +85,14 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     if config.precision != "fp32":
         # PPOTrainer builds its own Accelerator, which takes mixed precision from here only.
         os.environ["ACCELERATE_MIXED_PRECISION"] = config.precision
+    reward_mean, reward_std = 0.0, 1.0
+    if section.normalize_reward:
+        # Over the training pairs' responses: samples of the prompts PPO rolls out from.
+        pairs = read_split(data_dir, "pairs_train")
+        prompts_twice = [pair["prompt"] for pair in pairs for _ in ("chosen", "rejected")]
+        responses = [pair[side] for pair in pairs for side in ("chosen", "rejected")]
+        scores = reward_scores(reward_model, tokenizer, prompts_twice, responses, system_prompt=config.model.system_prompt)
+        reward_mean, reward_std = standardize_scores(scores, value_model)
     # --- train
     args = PPOConfig(
         **training.trainer_args("ppo", config, section, out_dir),
@@ -102,7 +112,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         processing_class=tokenizer,
         model=policy,
         ref_model=reference,
-        reward_model=EosClosedReward(reward_model, tokenizer.eos_token_id),
+        reward_model=EosClosedReward(reward_model, tokenizer.eos_token_id, reward_mean, reward_std),
         value_model=value_model,
         train_dataset=train_dataset,
     )
@@ -124,6 +134,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "first_reward_model_score": first.get("objective/scores"),
         "final_reward_model_score": last.get("objective/scores"),
         "final_kl": last.get("objective/kl"),
+        "reward_mean": reward_mean if section.normalize_reward else None,
+        "reward_std": reward_std if section.normalize_reward else None,
         "stopped_early_at_episode": kl_stop.stopped_at_episode if kl_stop else None,
         "logged_losses": len(history),
         "resumed_from_checkpoint": False,
