@@ -178,6 +178,25 @@ def test_ppo_reads_the_reward_standardised_and_the_value_head_on_the_same_scale(
         standardize_scores([0.5, 0.5, 0.5], value_model)
 
 
+def test_pairwise_accuracy_scores_each_response_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three samples of a prompt make three pairs: the reward model runs on three texts, not
+    six, and each pair is still judged by its own two scores."""
+    scored: list[str] = []
+
+    def fake_scores(model, tokenizer, prompts, responses, system_prompt=None):
+        scored.extend(responses)
+        return [{"good": 2.0, "fine": 1.0, "bad": 1.5}[response] for response in responses]
+
+    monkeypatch.setattr(reward, "reward_scores", fake_scores)
+    pairs = [
+        {"prompt": "p", "chosen": "good", "rejected": "fine"},  # right
+        {"prompt": "p", "chosen": "good", "rejected": "bad"},  # right
+        {"prompt": "p", "chosen": "fine", "rejected": "bad"},  # wrong: 1.0 < 1.5
+    ]
+    assert reward.pairwise_accuracy(None, None, pairs) == pytest.approx(2 / 3)
+    assert sorted(scored) == ["bad", "fine", "good"]
+
+
 def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None:
     """Batch k's rollouts measure the policy from before update k: when they pass
     ``max_kl`` the weights go back to the policy before that one, and training stops."""

@@ -31,10 +31,17 @@ from pipeline_lib.stages import Stage, training
 
 
 def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
-    """Share of pairs the reward model ranks the right way round (ties count as wrong)."""
-    prompts = [pair["prompt"] for pair in pairs]
-    chosen = reward_scores(model, tokenizer, prompts, [pair["chosen"] for pair in pairs], system_prompt=system_prompt)
-    rejected = reward_scores(model, tokenizer, prompts, [pair["rejected"] for pair in pairs], system_prompt=system_prompt)
+    """Share of pairs the reward model ranks the right way round (ties count as wrong).
+
+    Each distinct (prompt, response) is scored once: a prompt's k samples make up to
+    k(k-1)/2 pairs, so scoring pair by pair would run the model on each sample k-1 times."""
+    texts = list(dict.fromkeys((pair["prompt"], pair[side]) for pair in pairs for side in ("chosen", "rejected")))
+    scores = reward_scores(
+        model, tokenizer, [prompt for prompt, _ in texts], [response for _, response in texts], system_prompt=system_prompt
+    )
+    score_of = dict(zip(texts, scores))
+    chosen = [score_of[(pair["prompt"], pair["chosen"])] for pair in pairs]
+    rejected = [score_of[(pair["prompt"], pair["rejected"])] for pair in pairs]
     return accuracy_of_scores(chosen, rejected)
 
 
