@@ -16,7 +16,7 @@ their setting, base and SFT marked).
     . .venv/bin/activate
     python benchmarks/frontier.py --preset tiny                  # a couple of minutes
     python benchmarks/frontier.py                                # default preset, see README for the cost
-    python benchmarks/frontier.py --beta 0.05 0.1 --kl-coef 0.06 --seed 1
+    python benchmarks/frontier.py --beta 0.05 0.1 --kl-coef 0.25 --seed 1
     python benchmarks/frontier.py --reuse                        # re-print and re-plot finished points
 
 Each point's summary goes to ROOT/points/<method>-<value>.json; ``--reuse`` reads those
@@ -150,8 +150,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--beta", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.4], help="DPO betas (the preset's: 0.1)")
-    parser.add_argument("--kl-coef", type=float, nargs="*", default=[0.03, 0.06, 0.12],
-                        help="PPO kl_coef values (the preset's: 0.06)")
+    parser.add_argument("--kl-coef", type=float, nargs="*", default=[0.12, 0.25, 0.5],
+                        help="PPO kl_coef values (the preset's: 0.25)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--output-root", type=Path, default=REPO / ".data" / "frontier")
