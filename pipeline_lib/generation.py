@@ -263,3 +263,14 @@ def reward_scores(
             logits = reward_model(input_ids=ids.to(reward_model.device), attention_mask=mask.to(reward_model.device)).logits
         scores.extend(float(value) for value in logits[:, 0].float())
     return scores
+
+
+def pair_response_scores(
+    reward_model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None
+) -> dict[tuple[str, str], float]:
+    """The reward of every distinct (prompt, response) on either side of ``pairs``, each
+    scored once: a prompt's k samples make up to k(k-1)/2 pairs, so scoring pair by pair
+    would run the model on each sample k-1 times."""
+    texts = list(dict.fromkeys((pair["prompt"], pair[side]) for pair in pairs for side in ("chosen", "rejected")))
+    prompts, responses = [prompt for prompt, _ in texts], [response for _, response in texts]
+    return dict(zip(texts, reward_scores(reward_model, tokenizer, prompts, responses, system_prompt=system_prompt)))

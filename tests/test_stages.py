@@ -149,7 +149,7 @@ def test_ppo_reads_the_reward_standardised_and_the_value_head_on_the_same_scale(
     from pipeline_lib.data.files import read_split
     from pipeline_lib.generation import reward_scores
     from pipeline_lib.models import load_sequence_classifier
-    from pipeline_lib.stages.ppo_reward import EosClosedReward, standardize_scores
+    from pipeline_lib.stages.ppo_reward import EosClosedReward, rescale_value_head, score_statistics
 
     assert tiny_pipeline.config.ppo.normalize_reward
     metrics = tiny_pipeline.metrics["ppo"]
@@ -166,7 +166,8 @@ def test_ppo_reads_the_reward_standardised_and_the_value_head_on_the_same_scale(
     assert metrics["reward_std"] == pytest.approx(scores.std().item(), rel=1e-4)
 
     head_before = value_model.score.weight.detach().clone()
-    mean, std = standardize_scores(scores.tolist(), value_model)
+    mean, std = score_statistics(scores.tolist())
+    rescale_value_head(value_model, mean, std)
     assert torch.allclose(value_model.score.weight, head_before / std)
     hidden = torch.randn(3, head_before.shape[1])
     wrapped = EosClosedReward(reward_model, tokenizer.eos_token_id, mean, std)
@@ -175,7 +176,7 @@ def test_ppo_reads_the_reward_standardised_and_the_value_head_on_the_same_scale(
     standardised = (scores - mean) / std
     assert abs(standardised.mean().item()) < 1e-5 and standardised.std().item() == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="same score"):
-        standardize_scores([0.5, 0.5, 0.5], value_model)
+        score_statistics([0.5, 0.5, 0.5])
 
 
 def test_pairwise_accuracy_scores_each_response_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +188,9 @@ def test_pairwise_accuracy_scores_each_response_once(monkeypatch: pytest.MonkeyP
         scored.extend(responses)
         return [{"good": 2.0, "fine": 1.0, "bad": 1.5}[response] for response in responses]
 
-    monkeypatch.setattr(reward, "reward_scores", fake_scores)
+    from pipeline_lib import generation
+
+    monkeypatch.setattr(generation, "reward_scores", fake_scores)
     pairs = [
         {"prompt": "p", "chosen": "good", "rejected": "fine"},  # right
         {"prompt": "p", "chosen": "good", "rejected": "bad"},  # right

@@ -31,7 +31,7 @@ from typing import Any
 
 from pipeline_lib import adapters
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.generation import chat_prompt_ids, reward_scores
+from pipeline_lib.generation import chat_prompt_ids, pair_response_scores
 from pipeline_lib.models import (
     freeze_all_but_top_k,
     load_sequence_classifier,
@@ -47,7 +47,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from pipeline_lib.stages.ppo_reward import EosClosedReward, KlEarlyStop, standardize_scores
+    from pipeline_lib.stages.ppo_reward import EosClosedReward, KlEarlyStop, rescale_value_head, score_statistics
 
     # --- setup
     section = config.ppo
@@ -89,10 +89,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     if section.normalize_reward:
         # Over the training pairs' responses: samples of the prompts PPO rolls out from.
         pairs = read_split(data_dir, "pairs_train")
-        prompts_twice = [pair["prompt"] for pair in pairs for _ in ("chosen", "rejected")]
-        responses = [pair[side] for pair in pairs for side in ("chosen", "rejected")]
-        scores = reward_scores(reward_model, tokenizer, prompts_twice, responses, system_prompt=config.model.system_prompt)
-        reward_mean, reward_std = standardize_scores(scores, value_model)
+        scores = pair_response_scores(reward_model, tokenizer, pairs, config.model.system_prompt)
+        reward_mean, reward_std = score_statistics(list(scores.values()))
+        rescale_value_head(value_model, reward_mean, reward_std)
     # --- train
     args = PPOConfig(
         **training.trainer_args("ppo", config, section, out_dir),

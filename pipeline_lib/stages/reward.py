@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.generation import reward_scores
+from pipeline_lib.generation import pair_response_scores
 from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores
 from pipeline_lib.models import load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.data.files import read_split
@@ -31,15 +31,9 @@ from pipeline_lib.stages import Stage, training
 
 
 def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
-    """Share of pairs the reward model ranks the right way round (ties count as wrong).
-
-    Each distinct (prompt, response) is scored once: a prompt's k samples make up to
-    k(k-1)/2 pairs, so scoring pair by pair would run the model on each sample k-1 times."""
-    texts = list(dict.fromkeys((pair["prompt"], pair[side]) for pair in pairs for side in ("chosen", "rejected")))
-    scores = reward_scores(
-        model, tokenizer, [prompt for prompt, _ in texts], [response for _, response in texts], system_prompt=system_prompt
-    )
-    score_of = dict(zip(texts, scores))
+    """Share of pairs the reward model ranks the right way round (ties count as wrong); each
+    response is scored once however many pairs it is in."""
+    score_of = pair_response_scores(model, tokenizer, pairs, system_prompt)
     chosen = [score_of[(pair["prompt"], pair["chosen"])] for pair in pairs]
     rejected = [score_of[(pair["prompt"], pair["rejected"])] for pair in pairs]
     return accuracy_of_scores(chosen, rejected)
