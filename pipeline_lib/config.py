@@ -187,6 +187,16 @@ class DPOSection(TrainSection):
     precompute_ref_log_probs: bool = Field(
         True, description="Score the reference once before training instead of at every step (saves a forward pass per step after the first epoch)."
     )
+    max_kl: float | None = Field(
+        None,
+        gt=0,
+        description="Early stopping on KL: every kl_check_steps steps, sample one response per training prompt "
+        "(the first kl_check_prompts) from the policy and estimate KL(policy || SFT) as evaluation does; the first "
+        "time it is past this, training stops and keeps the last policy measured within it. None: never measure.",
+    )
+    kl_check_steps: int = Field(5, ge=1, description="Optimizer steps between KL measurements (with max_kl).")
+    kl_check_prompts: int = Field(32, ge=1, description="Training prompts sampled per KL measurement (with max_kl).")
+    kl_check_tokens: int = Field(24, ge=1, le=1024, description="Tokens sampled per response in a KL measurement (with max_kl).")
 
 
 class PPOSection(TrainSection):

@@ -237,6 +237,73 @@ def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(ti
     assert sft.keys() == ppo.keys() and all(torch.equal(sft[name], ppo[name]) for name in sft)
 
 
+def test_sampled_kl_stop_measures_every_few_steps_and_keeps_the_last_policy_within_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DPO's guard measures at every ``every_steps``-th step and the last; the first
+    measurement past ``max_kl`` puts back the policy of the last one within, and stops."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.stages.dpo_kl import SampledKlStop
+
+    policy = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        policy.weight.fill_(0.0)
+    guard = SampledKlStop(policy, None, None, ["p"], max_kl=3.0, every_steps=2, max_new_tokens=4, seed=0)
+    measured = iter([1.0, 2.5, 3.5])
+    monkeypatch.setattr(guard, "measure", lambda: next(measured))
+    state, control = SimpleNamespace(global_step=0, max_steps=9), SimpleNamespace(should_training_stop=False)
+    guard.on_train_begin(None, state, control)
+    for step in range(1, 10):
+        state.global_step = step
+        with torch.no_grad():
+            policy.weight.fill_(float(step))
+        guard.on_step_end(None, state, control)
+        if control.should_training_stop:
+            break
+    assert [check["step"] for check in guard.checks] == [2, 4, 6]
+    assert guard.stopped_at_step == 6 and guard.kept_step == 4 and policy.weight.item() == 4.0
+
+
+def test_dpo_kl_guard_reads_zero_before_training_with_a_reference_copy_and_with_lora(tiny_pipeline: TinyPipeline) -> None:
+    """The guard's reference is SFT: a frozen copy, or with LoRA the policy with its adapter
+    disabled. Before any update the policy is SFT, so the sampled KL is exactly 0 both ways."""
+    from pipeline_lib.stages import dpo
+    from pipeline_lib.stages.training import load_policy_and_reference, prepare_model
+
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.dpo.max_kl, config.dpo.kl_check_prompts = 1.0, 4
+    sft_dir = tiny_pipeline.outputs["sft"]
+    tokenizer = load_tokenizer(sft_dir)
+    rows = read_jsonl(tiny_pipeline.data / "pairs_train.jsonl")
+    for adapter in ("none", "lora"):
+        config.dpo.adapter = adapter
+        policy, reference = load_policy_and_reference(config, config.dpo, sft_dir)
+        policy, _ = prepare_model(policy, "dpo", config.dpo)
+        assert (reference is None) == (adapter == "lora")
+        guard = dpo.kl_guard(config, policy, reference, tokenizer, rows)
+        assert len(guard.prompts) == 4
+        assert guard.measure() == 0.0
+
+
+def test_dpo_stops_early_on_kl_and_saves_the_policy_kept(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the limit at its first measurement (step 1), DPO stops there and saves the policy
+    it started from, SFT's weights exactly."""
+    from pipeline_lib.stages.dpo_kl import SampledKlStop
+
+    monkeypatch.setattr(SampledKlStop, "measure", lambda self: 10.0)
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.dpo.max_kl, config.dpo.kl_check_steps = 1.0, 1
+    inputs = {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}
+    metrics = registry.stage("dpo").run(config, inputs, tmp_path / "dpo")
+    assert metrics["stopped_early_at_step"] == 1 and metrics["kept_step"] == 0
+    assert metrics["kl_checks"] == [{"step": 1, "kl": 10.0}]
+    sft, trained = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
+    assert sft.keys() == trained.keys() and all(torch.equal(sft[name], trained[name]) for name in sft)
+
+
 def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: TinyPipeline) -> None:
     output = tiny_pipeline.outputs["evaluate"]
     policies = ["base", *registry.policy_names()]

@@ -34,3 +34,18 @@ class ShareCores(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         apply_share()
+
+
+def trainable_snapshot(model) -> dict:
+    """A copy of the parameters that train (the top layers, or the LoRA adapters): all a KL
+    guard needs to put a policy back, at a fraction of a whole model's memory."""
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+def restore_snapshot(model, snapshot: dict) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in snapshot:
+                parameter.copy_(snapshot[name])

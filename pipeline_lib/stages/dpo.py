@@ -3,7 +3,8 @@
 Inputs: the SFT model directory (policy start and frozen reference, as in the DPO
 paper) and data prep's ``pairs_train.jsonl`` (prompt, chosen, rejected). Only the top
 ``dpo.top_k`` decoder layers of the policy train; ``dpo.beta`` sets how far it may move
-from the reference.
+from the reference, and ``dpo.max_kl`` (early stopping on a sampled KL to SFT,
+``dpo_kl.SampledKlStop``) how far it may go at most.
 Output: a HF-format causal LM, plus the final reward margins/accuracies TRL logs.
 
 Run alone: ``run(config, {"sft": SFT_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
@@ -37,6 +38,26 @@ def conversational_pairs(rows: list[dict[str, str]], system_prompt: str | None =
     )
 
 
+def kl_guard(config: PipelineConfig, policy, reference, tokenizer, rows: list[dict[str, str]]):
+    """``dpo.max_kl``'s early stopping, measured on the first ``kl_check_prompts`` training prompts."""
+    from pipeline_lib.generation import token_logprobs
+    from pipeline_lib.stages.dpo_kl import SampledKlStop
+
+    section = config.dpo
+
+    def reference_logprobs(pairs):
+        if reference is not None:
+            return token_logprobs(reference, pairs, tokenizer.pad_token_id)
+        with policy.disable_adapter():  # LoRA: the reference is the policy without its adapter
+            return token_logprobs(policy, pairs, tokenizer.pad_token_id)
+
+    prompts = list(dict.fromkeys(row["prompt"] for row in rows))[: section.kl_check_prompts]
+    return SampledKlStop(
+        policy, reference_logprobs, tokenizer, prompts, section.max_kl, section.kl_check_steps,
+        section.kl_check_tokens, config.seed, config.model.system_prompt,
+    )
+
+
 def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     from trl import DPOConfig, DPOTrainer
 
@@ -45,7 +66,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     sft_model_dir, data_dir = inputs["sft"], inputs["data_prep"]
     training.seed_everything(config.seed)
     # --- data
-    train_dataset = conversational_pairs(read_split(data_dir, "pairs_train"), config.model.system_prompt)
+    rows = read_split(data_dir, "pairs_train")
+    train_dataset = conversational_pairs(rows, config.model.system_prompt)
     train_dataset = shared_dataset(train_dataset, Path(out_dir) / LAUNCH_DIR / "pairs_train")  # several processes only
     # --- models: the policy trains; the reference is a second frozen copy of SFT, or with
     # LoRA the policy with its adapter disabled (TRL's PEFT path: no second copy)
@@ -72,6 +94,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         if "non-empty list of Tensors" not in str(error):
             raise
         raise training.no_example_fits("dpo", section.max_length) from error
+    guard = kl_guard(config, policy, reference, tokenizer, rows) if section.max_kl is not None else None
+    if guard is not None:
+        trainer.add_callback(guard)
     train_metrics = training.train_resumable("dpo", trainer, out_dir)
     # --- save
     history = training.write_loss_log(trainer, out_dir)
@@ -85,6 +110,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "train_loss": train_metrics.get("train_loss"),
         "final_reward_margin": last.get("rewards/margins"),
         "final_reward_accuracy": last.get("rewards/accuracies"),
+        "kl_checks": guard.checks if guard else None,
+        "stopped_early_at_step": guard.stopped_at_step if guard else None,
+        "kept_step": guard.kept_step if guard and guard.stopped_at_step else None,
         "logged_losses": len(history),
         "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
         "tracking_run_id": training.tracking.finish(),

@@ -9,6 +9,7 @@ import logging
 import torch
 import transformers
 
+from pipeline_lib.stages.callbacks import restore_snapshot, trainable_snapshot
 from pipeline_lib.stages.training import StopTraining
 
 logger = logging.getLogger("pipeline_lib.stages.training")
@@ -114,25 +115,18 @@ class KlEarlyStop(transformers.TrainerCallback):
         self.stopped_at_episode: int | None = None
         self.kept_kl: float | None = None
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in self.policy.named_parameters() if p.requires_grad}
-
     def on_train_begin(self, args, state, control, **kwargs):
-        self.previous = self._snapshot()
+        self.previous = trainable_snapshot(self.policy)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         kl = (logs or {}).get("objective/kl")
         if kl is None:
             return
         if kl <= self.max_kl:
-            self.within, self.previous, self.kept_kl = self.previous, self._snapshot(), kl
+            self.within, self.previous, self.kept_kl = self.previous, trainable_snapshot(self.policy), kl
             return
         self.stopped_at_episode = state.episode
-        kept = self.within if self.within is not None else self.previous
-        with torch.no_grad():
-            for name, parameter in self.policy.named_parameters():
-                if name in kept:
-                    parameter.copy_(kept[name])
+        restore_snapshot(self.policy, self.within if self.within is not None else self.previous)
         raise StopTraining(
             f"stopped at episode {state.episode}: its rollouts were {kl:.2f} nats from SFT, past ppo.max_kl={self.max_kl}; "
             f"keeping the policy whose rollouts were {self.kept_kl if self.kept_kl is not None else 0.0:.2f}"
