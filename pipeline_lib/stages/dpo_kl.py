@@ -21,7 +21,7 @@ class SampledKlStop(transformers.TrainerCallback):
     back to the last one measured within and training stops.
 
     Why: how far DPO moves in a fixed number of epochs depends on the data (on the embedded
-    task the same settings took five seeds 1.6 to 4.4 nats from SFT, and 192 prompts
+    task the same settings took six draws of data 1.6 to 4.4 nats from SFT, and 192 prompts
     instead of 128 took one to 6.8 nats, where its oracle gain halved). Bounding the KL
     lets the preset train longer for data that moves the policy slowly without letting
     data that moves it fast run away. The prompts are training prompts (nothing held out
