@@ -83,3 +83,18 @@ def sampled_kl(policy_logprobs: list[float], reference_logprobs: list[float], sa
         raise ValueError("sampled_kl needs equally long log-probability lists, a whole number of samples per prompt")
     ratios = sequence_kl(policy_logprobs, reference_logprobs)
     return [fmean(ratios[start : start + samples_per_prompt]) for start in range(0, len(ratios), samples_per_prompt)]
+
+
+def policy_kl(
+    policy, reference_logprobs, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
+    batch_size: int, seed: int, system_prompt: str | None = None,
+) -> list[float]:
+    """Per-prompt KL(policy || reference) (``sampled_kl``) from ``samples_per_prompt``
+    responses sampled from ``policy`` at temperature 1; ``reference_logprobs(pairs)`` scores
+    the same (prompt ids, response ids) under the reference. Evaluation's KL to SFT and
+    DPO's KL guard both read this one estimate."""
+    from pipeline_lib.generation import sample_response_ids, token_logprobs
+
+    pairs = sample_response_ids(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, seed, system_prompt)
+    policy_logprobs = token_logprobs(policy, pairs, tokenizer.pad_token_id, batch_size)
+    return sampled_kl(policy_logprobs, reference_logprobs(pairs), samples_per_prompt)

@@ -15,7 +15,7 @@ logger = logging.getLogger("pipeline_lib.stages.training")
 class SampledKlStop(transformers.TrainerCallback):
     """Early stopping on KL for a trainer that never samples (DPO): every ``every_steps``
     optimizer steps, sample one response per prompt from the policy at temperature 1 and
-    estimate KL(policy || reference) as evaluation does (``metrics.sampled_kl``: the mean
+    estimate KL(policy || reference) as evaluation does (``metrics.policy_kl``: the mean
     over prompts of log pi(y|x) - log pi_ref(y|x), summed over the response). While it is
     within ``max_kl`` the policy is remembered; the first time it is past, the policy goes
     back to the last one measured within and training stops.
@@ -48,15 +48,13 @@ class SampledKlStop(transformers.TrainerCallback):
     def measure(self) -> float:
         from statistics import fmean
 
-        from pipeline_lib.generation import sample_response_ids, token_logprobs
-        from pipeline_lib.metrics import sampled_kl
+        from pipeline_lib.metrics import policy_kl
 
         was_training = self.policy.training
-        pairs = sample_response_ids(
-            self.policy, self.tokenizer, self.prompts, 1, self.max_new_tokens, self.batch_size, self.seed, self.system_prompt
-        )
-        policy_logprobs = token_logprobs(self.policy, pairs, self.tokenizer.pad_token_id, self.batch_size)
-        kl = fmean(sampled_kl(policy_logprobs, self.reference_logprobs(pairs), 1))
+        kl = fmean(policy_kl(
+            self.policy, self.reference_logprobs, self.tokenizer, self.prompts, 1, self.max_new_tokens, self.batch_size,
+            self.seed, self.system_prompt,
+        ))
         self.policy.train(was_training)
         return kl
 

@@ -36,14 +36,14 @@ from pipeline_lib.config import PipelineConfig
 from pipeline_lib.data import sentiment_task
 from pipeline_lib.data.files import EMBEDDED_SENTIMENT, data_card, read_prompts, read_split, write_jsonl
 from pipeline_lib.errors import StageFailed
-from pipeline_lib.generation import generate_responses, reward_scores, sample_response_ids, token_logprobs
+from pipeline_lib.generation import generate_responses, reward_scores, token_logprobs
 from pipeline_lib.metrics import (
     bootstrap_interval,
     distinct_n,
     mean_words,
     paired_differences,
     per_prompt_wins,
-    sampled_kl,
+    policy_kl,
     win_rate,
 )
 from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
@@ -169,12 +169,10 @@ def kl_to_sft(model, sft_model, tokenizer, prompts: list[str], config: PipelineC
     section = config.evaluate
     if not section.kl_samples:
         return []
-    pairs = sample_response_ids(
-        model, tokenizer, prompts, section.kl_samples, section.max_new_tokens, section.batch_size, config.seed, config.model.system_prompt
+    return policy_kl(
+        model, lambda pairs: token_logprobs(sft_model, pairs, tokenizer.pad_token_id, section.batch_size), tokenizer,
+        prompts, section.kl_samples, section.max_new_tokens, section.batch_size, config.seed, config.model.system_prompt,
     )
-    policy_logprobs = token_logprobs(model, pairs, tokenizer.pad_token_id, section.batch_size)
-    sft_logprobs = token_logprobs(sft_model, pairs, tokenizer.pad_token_id, section.batch_size)
-    return sampled_kl(policy_logprobs, sft_logprobs, section.kl_samples)
 
 
 def policy_row(scores: dict[str, list], sft: dict[str, list], resamples: int, seed: int) -> dict[str, Any]:
