@@ -29,6 +29,7 @@ processes; the engines are accelerate's, torch's and DeepSpeed's.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -159,6 +160,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, the other ranks after it (to read what it wrote).
+    One process: just the block."""
+    if world_size() == 1:
+        yield
+        return
+    import torch
+    from accelerate import PartialState
+
+    # The same device choice as the trainers' ``use_cpu`` (training.trainer_args): the
+    # state is process-wide and the trainer's Accelerator reuses it.
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        yield
+
+
 def shared_dataset(dataset, directory: Path):
     """On several processes: ``dataset`` saved to ``directory`` by rank 0 and read back by
     every rank, so that the cache files a trainer derives from it are one set on disk for
@@ -168,13 +185,9 @@ def shared_dataset(dataset, directory: Path):
     One process: ``dataset`` unchanged."""
     if world_size() == 1:
         return dataset
-    import torch
-    from accelerate import PartialState
     from datasets import load_from_disk
 
-    # The same device choice as the trainers' ``use_cpu`` (training.trainer_args): the
-    # state is process-wide and the trainer's Accelerator reuses it.
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+    with main_process_first():
         if is_main_process():
             dataset.save_to_disk(str(directory))
         return load_from_disk(str(directory))

@@ -9,7 +9,8 @@ learns from human labels.
 * Prompts come from templates x subjects with a fixed seed. Held-out prompts use
   subjects that no training prompt mentions.
 * ``sample`` pairs: draw several responses per prompt from the base model, score them
-  with the oracle, keep (best, worst) when their gap is at least the margin.
+  with the oracle, keep (best, worst) when their gap is at least the margin. DPO can
+  draw its own from SFT the same way (``dpo.pair_source: policy``, ``sample_pairs``).
 * ``template`` pairs (tests): fixed positive and negative sentences, no model needed.
 """
 
@@ -143,3 +144,46 @@ def rank_samples(prompt: str, samples: list[str], margin: float, max_pairs: int 
         {"prompt": prompt, "chosen": better, "rejected": worse, "chosen_score": better_score, "rejected_score": worse_score}
         for (better, better_score), (worse, worse_score) in candidates[:max_pairs]
     ]
+
+
+def sample_pairs(
+    model,
+    tokenizer,
+    prompts: list[str],
+    data,
+    seed: int,
+    system_prompt: str | None,
+    samples_per_prompt: int,
+    prefix_fractions: list[float] = (),
+) -> tuple[list[dict], list[dict], dict[str, float]]:
+    """Sample ``model``, rank with the oracle: (policy pairs, reward pairs, stats).
+
+    ``data`` is the config's data section (temperature, length, margin, pairs kept).
+    Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes;
+    policy pairs over the samples alone."""
+    from pipeline_lib import progress
+    from pipeline_lib.generation import generate_responses
+
+    with progress.phase("sampling"):
+        samples = generate_responses(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=data.sample_max_new_tokens,
+            temperature=data.sample_temperature,
+            num_return_sequences=samples_per_prompt,
+            batch_size=data.sample_batch_size,
+            seed=seed,
+            system_prompt=system_prompt,
+        )
+    policy_pairs, reward_pairs = [], []
+    for prompt, texts in zip(prompts, samples):
+        policy_pairs += rank_samples(prompt, texts, data.pair_margin, data.pairs_per_prompt)
+        if prefix_fractions:
+            prefixes = [prefix for text in texts for prefix in word_prefixes(text.strip(), prefix_fractions)]
+            reward_pairs += rank_samples(prompt, texts + prefixes, data.pair_margin, data.reward_pairs_per_prompt)
+        else:
+            reward_pairs += rank_samples(prompt, texts, data.pair_margin, data.reward_pairs_per_prompt)
+    all_scores = [oracle_score(text) for texts in samples for text in texts]
+    stats = {"sampled_responses": len(all_scores), "sample_oracle_mean": sum(all_scores) / max(1, len(all_scores))}
+    return policy_pairs, reward_pairs, stats

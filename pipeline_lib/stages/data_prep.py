@@ -36,37 +36,14 @@ def _sample_pairs(
     prefix_fractions: list[float],
     samples_per_prompt: int,
 ) -> tuple[list, list, dict]:
-    """Sample the base model, rank with the oracle: (policy pairs, reward pairs, stats).
-
-    Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes;
-    policy pairs over the samples alone."""
-    from pipeline_lib import progress
-    from pipeline_lib.generation import generate_responses
+    """Sample the base model, rank with the oracle (``sentiment_task.sample_pairs``)."""
     from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
 
-    data = config.data
     tokenizer = load_tokenizer(base_model_dir)
     model = load_causal_lm(base_model_dir, config.model.trust_remote_code, torch_dtype(config.precision))
-    with progress.phase("data_prep"):
-        samples = generate_responses(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=data.sample_max_new_tokens,
-            temperature=data.sample_temperature,
-            num_return_sequences=samples_per_prompt,
-            batch_size=data.sample_batch_size,
-            seed=seed,
-            system_prompt=config.model.system_prompt,
-        )
-    policy_pairs, reward_pairs = [], []
-    for prompt, texts in zip(prompts, samples):
-        policy_pairs += sentiment_task.rank_samples(prompt, texts, data.pair_margin, data.pairs_per_prompt)
-        prefixes = [prefix for text in texts for prefix in sentiment_task.word_prefixes(text.strip(), prefix_fractions)]
-        reward_pairs += sentiment_task.rank_samples(prompt, texts + prefixes, data.pair_margin, data.reward_pairs_per_prompt)
-    all_scores = [sentiment_task.oracle_score(text) for texts in samples for text in texts]
-    stats = {"sampled_responses": len(all_scores), "sample_oracle_mean": sum(all_scores) / max(1, len(all_scores))}
-    return policy_pairs, reward_pairs, stats
+    return sentiment_task.sample_pairs(
+        model, tokenizer, prompts, config.data, seed, config.model.system_prompt, samples_per_prompt, prefix_fractions
+    )
 
 
 def best_responses(pairs: list[dict[str, Any]]) -> list[dict[str, str]]:

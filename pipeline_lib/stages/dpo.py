@@ -1,7 +1,9 @@
 """Direct Preference Optimization with TRL's ``DPOTrainer``.
 
 Inputs: the SFT model directory (policy start and frozen reference, as in the DPO
-paper) and data prep's ``pairs_train.jsonl`` (prompt, chosen, rejected). Only the top
+paper) and data prep's ``pairs_train.jsonl`` (prompt, chosen, rejected), or with
+``dpo.pair_source: policy`` pairs of SFT's own samples on data prep's training prompts,
+ranked by the embedded task's oracle (``policy_pairs``). Only the top
 ``dpo.top_k`` decoder layers of the policy train; ``dpo.beta`` sets how far it may move
 from the reference, and ``dpo.max_kl`` (early stopping on a sampled KL to SFT,
 ``dpo_kl.SampledKlStop``) how far it may go at most.
@@ -16,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.distributed import LAUNCH_DIR, shared_dataset
+from pipeline_lib.distributed import LAUNCH_DIR, is_main_process, main_process_first, shared_dataset
 from pipeline_lib.generation import chat_messages
 from pipeline_lib.models import load_tokenizer
-from pipeline_lib.data.files import read_split
+from pipeline_lib.data.files import read_jsonl, read_prompts, read_split, write_jsonl
+from pipeline_lib.data.schemas import DataValidationError
+
+SAMPLED_PAIRS = "pairs_sampled.jsonl"
 from pipeline_lib.stages import Stage, training
 
 
@@ -36,6 +41,41 @@ def conversational_pairs(rows: list[dict[str, str]], system_prompt: str | None =
             for row in rows
         ]
     )
+
+
+def policy_pairs(config: PipelineConfig, policy, tokenizer, data_dir: Path, out_dir: Path) -> tuple[list[dict], dict]:
+    """``dpo.pair_source: policy``: ``data.samples_per_prompt`` samples of the starting
+    policy (SFT) per training prompt, ranked by the embedded task's oracle as data prep
+    ranks the base model's (same margin, same pairs per prompt), and the sampling stats.
+
+    On-policy pairs: DPO's loss is computed on responses the policy it starts from would
+    write, as in the DPO paper's sentiment experiment, not on the base model's.
+    Written to ``SAMPLED_PAIRS`` in the stage directory (renamed into place once
+    complete), which a resumed stage reads back instead of sampling again; on several
+    processes rank 0 samples and the others read its file."""
+    from pipeline_lib.data import sentiment_task
+
+    path = Path(out_dir) / SAMPLED_PAIRS
+    stats: dict[str, Any] = {}
+    with main_process_first():
+        if is_main_process() and not path.exists():
+            prompts = read_prompts(data_dir, "prompts_train")
+            # Seeds seed and seed + 1 drew data prep's training and held-out samples.
+            pairs, _, stats = sentiment_task.sample_pairs(
+                policy, tokenizer, prompts, config.data, config.seed + 2, config.model.system_prompt,
+                config.data.samples_per_prompt,
+            )
+            partial = path.with_suffix(".partial")
+            write_jsonl(partial, pairs)
+            partial.replace(path)
+    rows = read_jsonl(path)
+    if len(rows) < 2:
+        raise DataValidationError(
+            str(path),
+            f"only {len(rows)} pairs of SFT's samples cleared the oracle margin {config.data.pair_margin}; "
+            "lower data.pair_margin or raise data.samples_per_prompt",
+        )
+    return rows, stats
 
 
 def kl_guard(config: PipelineConfig, policy, reference, tokenizer, rows: list[dict[str, str]]):
@@ -66,13 +106,18 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     sft_model_dir, data_dir = inputs["sft"], inputs["data_prep"]
     training.seed_everything(config.seed)
     # --- data
-    rows = read_split(data_dir, "pairs_train")
-    train_dataset = conversational_pairs(rows, config.model.system_prompt)
-    train_dataset = shared_dataset(train_dataset, Path(out_dir) / LAUNCH_DIR / "pairs_train")  # several processes only
     # --- models: the policy trains; the reference is a second frozen copy of SFT, or with
     # LoRA the policy with its adapter disabled (TRL's PEFT path: no second copy)
     tokenizer = load_tokenizer(sft_model_dir)
     policy, reference = training.load_policy_and_reference(config, section, sft_model_dir)
+    # --- data: data prep's pairs, or pairs of the policy's own samples before it trains
+    sampling: dict[str, Any] = {}
+    if section.pair_source == "policy":
+        rows, sampling = policy_pairs(config, policy, tokenizer, data_dir, Path(out_dir))
+    else:
+        rows = read_split(data_dir, "pairs_train")
+    train_dataset = conversational_pairs(rows, config.model.system_prompt)
+    train_dataset = shared_dataset(train_dataset, Path(out_dir) / LAUNCH_DIR / "pairs_train")  # several processes only
     policy, parameter_counts = training.prepare_model(policy, "dpo", section)
     # --- train
     args = DPOConfig(
@@ -107,6 +152,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     )
     return {
         **parameter_counts,
+        "pairs": len(rows),
+        **sampling,
         "train_loss": train_metrics.get("train_loss"),
         "final_reward_margin": last.get("rewards/margins"),
         "final_reward_accuracy": last.get("rewards/accuracies"),
