@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from pipeline_lib.config import PipelineConfig, load_config
+from pipeline_lib.errors import ConfigError
 from pipeline_lib import registry
 from pipeline_lib.data.files import read_jsonl, read_prompts
 from pipeline_lib.models import load_causal_lm, load_tokenizer
@@ -302,6 +303,44 @@ def test_dpo_stops_early_on_kl_and_saves_the_policy_kept(
     assert metrics["kl_checks"] == [{"step": 1, "kl": 10.0}]
     sft, trained = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
     assert sft.keys() == trained.keys() and all(torch.equal(sft[name], trained[name]) for name in sft)
+
+
+def test_dpo_on_policy_pairs_are_sft_samples_ranked_by_the_oracle_and_reused_on_resume(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dpo.pair_source: policy``: DPO trains on pairs of SFT's own samples of the training
+    prompts, each chosen above its rejected by the margin by the oracle; a re-run of the
+    stage in the same directory (a resume) reads the written pairs back instead of sampling."""
+    from pipeline_lib.data import sentiment_task
+    from pipeline_lib.stages import dpo
+
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.dpo.pair_source = "policy"
+    config.data.pair_margin = 0.0  # the tiny model's samples are words VADER mostly scores 0
+    inputs = {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}
+    metrics = dpo.run(config, inputs, tmp_path / "dpo")
+    rows = read_jsonl(tmp_path / "dpo" / dpo.SAMPLED_PAIRS)
+    assert metrics["pairs"] == len(rows) >= 2 and metrics["sampled_responses"] == len(
+        read_prompts(tiny_pipeline.data, "prompts_train")
+    ) * config.data.samples_per_prompt
+    assert {row["prompt"] for row in rows} <= set(read_prompts(tiny_pipeline.data, "prompts_train"))
+    for row in rows:
+        assert row["chosen"] != row["rejected"]
+        assert sentiment_task.oracle_score(row["chosen"]) == row["chosen_score"] > row["rejected_score"]
+    # Not data prep's pairs: the tiny preset's are fixed templates.
+    assert not {row["chosen"] for row in rows} & {row["chosen"] for row in read_jsonl(tiny_pipeline.data / "pairs_train.jsonl")}
+    assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], tmp_path / "dpo")
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(sentiment_task, "sample_pairs", no_sampling)
+    assert dpo.run(config, inputs, tmp_path / "dpo")["pairs"] == len(rows)
+
+
+def test_dpo_policy_pairs_need_the_embedded_oracle(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dpo.pair_source 'policy'.*pairs.jsonl"):
+        load_config("tiny", overrides=[f"output_root={tmp_path}", f"data.source={tmp_path}/pairs.jsonl", "dpo.pair_source=policy"], env_file=None)
 
 
 def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: TinyPipeline) -> None:

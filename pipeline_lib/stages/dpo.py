@@ -65,6 +65,7 @@ def policy_pairs(config: PipelineConfig, policy, tokenizer, data_dir: Path, out_
                 policy, tokenizer, prompts, config.data, config.seed + 2, config.model.system_prompt,
                 config.data.samples_per_prompt,
             )
+            path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")
             write_jsonl(partial, pairs)
             partial.replace(path)
