@@ -184,11 +184,13 @@ class RewardSection(TrainSection):
 class DPOSection(TrainSection):
     beta: float = Field(0.1, gt=0, le=10, description="DPO temperature: how far the policy may move from the reference.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant (TRL's loss_type).")
-    pair_source: Literal["data", "policy"] = Field(
-        "data",
+    pair_source: Literal["auto", "data", "policy"] = Field(
+        "auto",
         description="'data': data prep's pairs. 'policy' (embedded task only): before training, sample "
         "data.samples_per_prompt responses per training prompt from SFT and rank them with the task's oracle, "
-        "as in the DPO paper's sentiment experiment; the pairs are written to the stage's pairs_sampled.jsonl.",
+        "as in the DPO paper's sentiment experiment; the pairs are written to the stage's pairs_sampled.jsonl. "
+        "'auto': 'policy' where data prep samples its pairs (the embedded task's data.pair_source 'sample'), "
+        "else 'data'.",
     )
     precompute_ref_log_probs: bool = Field(
         True, description="Score the reference once before training instead of at every step (saves a forward pass per step after the first epoch)."
@@ -415,8 +417,12 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _policy_pairs_need_the_oracle(self) -> "PipelineConfig":
-        if self.dpo.pair_source == "policy" and not self.data.source.startswith("embedded:"):
+    def _dpo_pair_source(self) -> "PipelineConfig":
+        """Resolve 'auto' here, so that the stage key holds what DPO will do."""
+        sampled = self.data.source.startswith("embedded:") and self.data.pair_source == "sample"
+        if self.dpo.pair_source == "auto":
+            self.dpo.pair_source = "policy" if sampled else "data"
+        elif self.dpo.pair_source == "policy" and not self.data.source.startswith("embedded:"):
             raise ValueError(
                 f"dpo.pair_source 'policy' ranks SFT's samples with the embedded task's oracle; data.source "
                 f"{self.data.source!r} has none: use 'data' (its own pairs)"

@@ -339,6 +339,13 @@ def test_dpo_on_policy_pairs_are_sft_samples_ranked_by_the_oracle_and_reused_on_
 
 
 def test_dpo_policy_pairs_need_the_embedded_oracle(tmp_path: Path) -> None:
+    def pair_source(preset: str, *overrides: str) -> str:
+        return load_config(preset, overrides=[f"output_root={tmp_path}", *overrides], env_file=None).dpo.pair_source
+
+    # 'auto': on-policy where data prep samples a model for its pairs, a user's own pairs otherwise.
+    assert pair_source("default") == "policy"
+    assert pair_source("tiny") == "data"  # template pairs
+    assert pair_source("default", f"data.source={tmp_path}/pairs.jsonl") == "data"
     with pytest.raises(ConfigError, match=r"dpo.pair_source 'policy'.*pairs.jsonl"):
         load_config("tiny", overrides=[f"output_root={tmp_path}", f"data.source={tmp_path}/pairs.jsonl", "dpo.pair_source=policy"], env_file=None)
 
