@@ -155,16 +155,18 @@ def sample_pairs(
     system_prompt: str | None,
     samples_per_prompt: int,
     prefix_fractions: list[float] = (),
+    phase: str = "sampling",
 ) -> tuple[list[dict], list[dict], dict[str, float]]:
     """Sample ``model``, rank with the oracle: (policy pairs, reward pairs, stats).
 
-    ``data`` is the config's data section (temperature, length, margin, pairs kept).
+    ``data`` is the config's data section (temperature, length, margin, pairs kept);
+    ``phase`` labels the progress records (the stage that samples).
     Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes;
     policy pairs over the samples alone."""
     from pipeline_lib import progress
     from pipeline_lib.generation import generate_responses
 
-    with progress.phase("sampling"):
+    with progress.phase(phase):
         samples = generate_responses(
             model,
             tokenizer,

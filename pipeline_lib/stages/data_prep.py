@@ -42,7 +42,8 @@ def _sample_pairs(
     tokenizer = load_tokenizer(base_model_dir)
     model = load_causal_lm(base_model_dir, config.model.trust_remote_code, torch_dtype(config.precision))
     return sentiment_task.sample_pairs(
-        model, tokenizer, prompts, config.data, seed, config.model.system_prompt, samples_per_prompt, prefix_fractions
+        model, tokenizer, prompts, config.data, seed, config.model.system_prompt, samples_per_prompt, prefix_fractions,
+        phase="data_prep",
     )
 
 

@@ -63,7 +63,7 @@ def policy_pairs(config: PipelineConfig, policy, tokenizer, data_dir: Path, out_
             # Seeds seed and seed + 1 drew data prep's training and held-out samples.
             pairs, _, stats = sentiment_task.sample_pairs(
                 policy, tokenizer, prompts, config.data, config.seed + 2, config.model.system_prompt,
-                config.data.samples_per_prompt,
+                config.data.samples_per_prompt, phase="dpo",
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")
