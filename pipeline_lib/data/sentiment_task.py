@@ -17,6 +17,7 @@ learns from human labels.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from functools import lru_cache
 
 from pipeline_lib.errors import ConfigError
@@ -154,7 +155,7 @@ def sample_pairs(
     seed: int,
     system_prompt: str | None,
     samples_per_prompt: int,
-    prefix_fractions: list[float] = (),
+    prefix_fractions: Sequence[float] = (),
     phase: str = "sampling",
 ) -> tuple[list[dict], list[dict], dict[str, float]]:
     """Sample ``model``, rank with the oracle: (policy pairs, reward pairs, stats).
@@ -181,11 +182,8 @@ def sample_pairs(
     policy_pairs, reward_pairs = [], []
     for prompt, texts in zip(prompts, samples):
         policy_pairs += rank_samples(prompt, texts, data.pair_margin, data.pairs_per_prompt)
-        if prefix_fractions:
-            prefixes = [prefix for text in texts for prefix in word_prefixes(text.strip(), prefix_fractions)]
-            reward_pairs += rank_samples(prompt, texts + prefixes, data.pair_margin, data.reward_pairs_per_prompt)
-        else:
-            reward_pairs += rank_samples(prompt, texts, data.pair_margin, data.reward_pairs_per_prompt)
+        prefixes = [prefix for text in texts for prefix in word_prefixes(text.strip(), prefix_fractions)]
+        reward_pairs += rank_samples(prompt, texts + prefixes, data.pair_margin, data.reward_pairs_per_prompt)
     all_scores = [oracle_score(text) for texts in samples for text in texts]
     stats = {"sampled_responses": len(all_scores), "sample_oracle_mean": sum(all_scores) / max(1, len(all_scores))}
     return policy_pairs, reward_pairs, stats

@@ -23,9 +23,9 @@ from pipeline_lib.generation import chat_messages
 from pipeline_lib.models import load_tokenizer
 from pipeline_lib.data.files import read_jsonl, read_prompts, read_split, write_jsonl
 from pipeline_lib.data.schemas import DataValidationError
+from pipeline_lib.stages import Stage, training
 
 SAMPLED_PAIRS = "pairs_sampled.jsonl"
-from pipeline_lib.stages import Stage, training
 
 
 def conversational_pairs(rows: list[dict[str, str]], system_prompt: str | None = None):
@@ -106,7 +106,6 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     section = config.dpo
     sft_model_dir, data_dir = inputs["sft"], inputs["data_prep"]
     training.seed_everything(config.seed)
-    # --- data
     # --- models: the policy trains; the reference is a second frozen copy of SFT, or with
     # LoRA the policy with its adapter disabled (TRL's PEFT path: no second copy)
     tokenizer = load_tokenizer(sft_model_dir)
