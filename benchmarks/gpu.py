@@ -6,9 +6,10 @@ the GPUs from it). Reports its wall seconds and the evaluation figures from the 
 last JSON line. About 10 minutes on CPU; ``--skip-default`` (or ``--parts steps``) skips it.
 
 Part "steps": a randomly initialised, seeded Llama-shaped model built from a config (1b:
-TinyLlama-1.1B's shape; tiny: hidden 64, 2 layers, vocab 1024, for CPU tests) runs four
+TinyLlama-1.1B's shape; tiny: hidden 64, 2 layers, vocab 1024, for CPU tests) runs six
 variants, each on a freshly built model: SFT and DPO, each as full fine-tuning and as LoRA
-(r=16, alpha=32, all-linear). Per variant: policy tokens/s, peak memory, trainable
+(r=16, alpha=32, all-linear) twice, with peft's float32 adapters (its default) and with
+adapters in the model's dtype (``lora_bf16``). Per variant: policy tokens/s, peak memory, trainable
 parameters, the model copies resident for DPO's reference, and MFU. Synthetic random tokens;
 warm-up steps are excluded from the timing, which is bracketed by torch.cuda.synchronize().
 A minimal explicit loop (AdamW, the model held in the chosen precision, no autocast) is
@@ -74,8 +75,13 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=1024),
 }
 DEFAULTS = {"1b": (4, 1024), "tiny": (4, 64)}  # batch size, sequence length
-VARIANTS = (("sft", "full"), ("sft", "lora"), ("dpo", "full"), ("dpo", "lora"))
-FLOPS_PER_TOKEN = {("sft", "full"): 6, ("sft", "lora"): 4, ("dpo", "full"): 8, ("dpo", "lora"): 6}  # x N
+# "lora": peft's default, adapters in float32 (autocast_adapter_dtype=True) over bf16 base
+# weights, each adapted layer's input cast to float32; "lora_bf16": adapters in the model's
+# own dtype. On an H100 the first was slower than full fine-tuning; the pair shows how much
+# of that the float32 adapters cost.
+VARIANTS = (("sft", "full"), ("sft", "lora"), ("sft", "lora_bf16"), ("dpo", "full"), ("dpo", "lora"), ("dpo", "lora_bf16"))
+FLOPS_PER_TOKEN = {("sft", "full"): 6, ("sft", "lora"): 4, ("sft", "lora_bf16"): 4,
+                   ("dpo", "full"): 8, ("dpo", "lora"): 6, ("dpo", "lora_bf16"): 6}  # x N
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -137,16 +143,16 @@ def run_variant(method: str, mode: str, args, dtype: torch.dtype, peak_flops: fl
     base_numel = sum(p.numel() for p in model.parameters())
     n_flops = base_numel - model.get_input_embeddings().weight.numel()
     reference, reference_models = None, []
-    if mode == "lora":
+    if mode.startswith("lora"):
         lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora, autocast_adapter_dtype=mode == "lora")
         reference_models = [model]  # the policy itself, adapter disabled
     elif method == "dpo":
         reference = copy.deepcopy(model).eval().requires_grad_(False)
         reference_models = [model, reference]
     copies = resident_copies(reference_models, base_numel) - 1 if method == "dpo" else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4 if mode == "lora" else 1e-5, fused=device == "cuda")
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4 if mode.startswith("lora") else 1e-5, fused=device == "cuda")
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     vocab, prompt_len = model.config.vocab_size, seq // 2
 
@@ -187,7 +193,7 @@ def run_variant(method: str, mode: str, args, dtype: torch.dtype, peak_flops: fl
         "tokens_per_s": tokens / elapsed, "model_tflops_per_s": achieved / 1e12,
         "mfu": achieved / peak_flops if peak_flops else None,
         "peak_memory_mib": peak_mib(device), "trainable_params": sum(p.numel() for p in trainable),
-        "base_params": base_numel, "flops_params_n": n_flops, "flops_per_token": f"{FLOPS_PER_TOKEN[method, mode]}N",
+        "base_params": base_numel, "trainable_dtype": str(trainable[0].dtype).removeprefix("torch."), "flops_params_n": n_flops, "flops_per_token": f"{FLOPS_PER_TOKEN[method, mode]}N",
         "reference_copies": copies, "loss_first": losses[0].float().item(), "loss_last": losses[-1].float().item(),
     }
     del model, reference, reference_models, optimizer, trainable, losses
@@ -251,11 +257,11 @@ def print_tables(report: dict) -> None:
     if steps:
         print(f"\nsteps: size={report['size']} precision={report['precision']} batch={report['batch_size']} "
               f"seq_len={report['seq_len']}, timed steps per variant after warm-up")
-        print(f"{'variant':<10}{'tokens/s':>12}{'step ms':>10}{'peak MiB':>10}{'trainable':>14}{'ref copies':>11}"
+        print(f"{'variant':<15}{'tokens/s':>12}{'step ms':>10}{'peak MiB':>10}{'trainable':>14}{'ref copies':>11}"
               f"{'TFLOP/s':>9}{'MFU':>8}")
         for name, row in steps["variants"].items():
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
-            print(f"{name:<10}{row['tokens_per_s']:>12.0f}{row['step_ms']:>10.1f}{row['peak_memory_mib']:>10.0f}"
+            print(f"{name:<15}{row['tokens_per_s']:>12.0f}{row['step_ms']:>10.1f}{row['peak_memory_mib']:>10.0f}"
                   f"{row['trainable_params']:>14,}{row['reference_copies']:>11}{row['model_tflops_per_s']:>9.2f}{mfu:>8}")
     for note in report["notes"]:
         print(f"note: {note}")

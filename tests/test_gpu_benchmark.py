@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-VARIANTS = ("sft_full", "sft_lora", "dpo_full", "dpo_lora")
+VARIANTS = ("sft_full", "sft_lora", "sft_lora_bf16", "dpo_full", "dpo_lora", "dpo_lora_bf16")
 
 
 def run_benchmark(*arguments: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -56,7 +56,7 @@ def test_lora_trains_far_fewer_parameters(tiny_cpu):
 def test_lora_dpo_needs_no_reference_copy(tiny_cpu):
     variants = tiny_cpu[1]["parts"]["steps"]["variants"]
     assert variants["dpo_full"]["reference_copies"] == 1
-    assert variants["dpo_lora"]["reference_copies"] == 0
+    assert variants["dpo_lora"]["reference_copies"] == variants["dpo_lora_bf16"]["reference_copies"] == 0
     assert variants["sft_full"]["reference_copies"] == variants["sft_lora"]["reference_copies"] == 0
 
 
@@ -65,3 +65,13 @@ def test_cuda_requested_without_cuda_exits_2():
     assert completed.returncode == 2
     assert "CUDA" in completed.stderr
     assert not completed.stdout.strip()  # no work done, no results printed
+
+
+def test_lora_adapter_dtypes(tiny_cpu):
+    """peft's default keeps adapters in float32 over bf16 weights; lora_bf16 keeps the model's dtype."""
+    variants = tiny_cpu[1]["parts"]["steps"]["variants"]
+    for method in ("sft", "dpo"):
+        assert variants[f"{method}_full"]["trainable_dtype"] == "bfloat16"
+        assert variants[f"{method}_lora"]["trainable_dtype"] == "float32"
+        assert variants[f"{method}_lora_bf16"]["trainable_dtype"] == "bfloat16"
+        assert variants[f"{method}_lora_bf16"]["trainable_params"] == variants[f"{method}_lora"]["trainable_params"]
