@@ -9,9 +9,15 @@ import torch
 from datasets import Dataset
 from trl import RewardConfig, RewardTrainer
 
-from pipeline_lib.generation import scored_sequence_ids
+from pipeline_lib.generation import chat_prompt_ids, scored_sequence_ids
 from pipeline_lib.models import load_sequence_classifier, load_tokenizer
-from pipeline_lib.stages.reward_groups import GroupedRewardTrainer, prompt_groups
+from pipeline_lib.stages.reward_groups import (
+    GroupedRewardTrainer,
+    plain_rewards,
+    prompt_groups,
+    shared_prefix_length,
+    shared_prefix_rewards,
+)
 
 ROWS = [
     {"prompt": "Describe the sea.", "chosen": "Lovely and calm.", "rejected": "Grey."},
@@ -56,11 +62,14 @@ def test_prompt_groups_drop_pairs_with_a_side_over_max_length(tokenizer_and_mode
 
 def test_grouped_loss_is_trls_pairwise_loss_averaged_per_prompt(tokenizer_and_model, tmp_path: Path) -> None:
     tokenizer, model = tokenizer_and_model
-    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=False)
     groups = prompt_groups(ROWS, tokenizer, max_length=None)
     grouped = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
     batch = grouped.data_collator(groups)
-    assert batch["input_ids"].shape[0] == 5  # 3 + 2 distinct responses, not 2 x 4 pair sides
+    # 3 + 2 distinct responses, not 2 x 4 pair sides; each group's chat prompt once
+    assert [suffix.shape[0] for suffix in batch["suffix_ids"]] == [3, 2]
+    assert batch["prefix_ids"][0].tolist() == scored_sequence_ids(tokenizer, "Describe the sea.", "Grey.")[: len(batch["prefix_ids"][0])]
+    assert len(batch["prefix_ids"][0]) >= len(chat_prompt_ids(tokenizer, "Describe the sea."))
     loss = grouped.compute_loss(model, batch)
 
     def tokenized(rows):
@@ -77,4 +86,66 @@ def test_grouped_loss_is_trls_pairwise_loss_averaged_per_prompt(tokenizer_and_mo
         pairwise.compute_loss(model, pairwise.data_collator(tokenized([row for row in ROWS if row["prompt"] == prompt])))
         for prompt in ("Describe the sea.", "Describe a cat.")
     ]
-    assert torch.allclose(loss, torch.stack(per_prompt).mean(), atol=1e-6)
+    assert grouped._shared_prefix  # the tiny Llama takes the shared-prefix forward
+    assert torch.allclose(loss, torch.stack(per_prompt).mean(), atol=1e-5)
+
+
+def test_shared_prefix_leaves_every_sequence_a_token() -> None:
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # the reward is read at the last token
+    assert shared_prefix_length([[7], [7, 8]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+def test_shared_prefix_forward_gives_the_plain_rewards_and_gradients(tokenizer_and_model, tmp_path: Path) -> None:
+    tokenizer, model = tokenizer_and_model
+    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=False)
+    groups = prompt_groups(ROWS, tokenizer, max_length=None)
+    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
+    batch = trainer.data_collator(groups)
+    results = []
+    for forward in (plain_rewards, shared_prefix_rewards):
+        model.zero_grad()
+        rewards = torch.cat([forward(model, *group) for group in zip(batch["prefix_ids"], batch["suffix_ids"], batch["suffix_mask"])])
+        (rewards * torch.arange(1.0, len(rewards) + 1)).sum().backward()
+        results.append((rewards.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert torch.allclose(plain, shared, atol=1e-5)
+    assert plain_grads.keys() == shared_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, shared_grads[name], atol=1e-4, rtol=1e-3), name
+
+
+class _NoCache(torch.nn.Module):
+    """A scalar-head model that takes no cache (as some architectures' forwards do not)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def test_a_model_without_a_cache_is_trained_on_whole_responses(tokenizer_and_model, tmp_path: Path) -> None:
+    tokenizer, model = tokenizer_and_model
+    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=False)
+    groups = prompt_groups(ROWS, tokenizer, max_length=None)
+    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
+    batch = trainer.data_collator(groups)
+    wrapped = _NoCache(model)
+    loss = trainer.compute_loss(wrapped, batch)
+    assert trainer._shared_prefix is False
+    trainer._shared_prefix = None
+    assert torch.allclose(loss, trainer.compute_loss(model, batch), atol=1e-5)  # same loss either way
+    assert trainer._shared_prefix is True
+
+
+def test_activation_checkpointing_forwards_whole_responses(tokenizer_and_model, tmp_path: Path) -> None:
+    """Checkpointing recomputes each layer's forward without a cache: the plain forward is used."""
+    tokenizer, model = tokenizer_and_model
+    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=True)
+    groups = prompt_groups(ROWS, tokenizer, max_length=None)
+    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
+    trainer.compute_loss(model, trainer.data_collator(groups))
+    assert trainer._shared_prefix is False

@@ -8,6 +8,13 @@ and the comparisons as index pairs. The loss is still TRL's Bradley-Terry loss,
 each prompt's comparisons are averaged, so a prompt weighs as one example however many
 pairs it has. A group with one pair is exactly TRL's loss on that pair.
 
+The responses of one prompt share its chat prompt (and often their first tokens), so the
+shared prefix is forwarded once and its keys and values are repeated for each response
+(``shared_prefix_rewards``): in the default preset half of every sequence is prompt, and
+the reward step costs about half. Mathematically it is the same forward; the first batch
+checks it against the plain forward, and a model whose rewards differ, or that takes no
+cache, is trained with the plain forward (every response forwarded whole).
+
 Written here rather than taken from TRL because TRL has no grouped (K-choose-2) reward
 loss; everything else (optimiser, schedule, checkpoints, resume, logging) is TRL's and
 transformers' own, through the subclass below.
@@ -15,6 +22,7 @@ transformers' own, through the subclass below.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +31,8 @@ from trl import RewardTrainer
 from trl.trainer.utils import pad
 
 from pipeline_lib.generation import scored_sequence_ids
+
+logger = logging.getLogger(__name__)
 
 
 def prompt_groups(
@@ -53,29 +63,90 @@ def prompt_groups(
     ]
 
 
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving at least one token of each to forward
+    after the prefix (the reward is read at a sequence's last token)."""
+    shortest = min(len(ids) for ids in sequences)
+    length = 0
+    while length < shortest - 1 and all(ids[length] == sequences[0][length] for ids in sequences):
+        length += 1
+    return length
+
+
 @dataclass
 class GroupCollator:
-    """Stacks a batch of prompt groups into one right-padded batch of sequences, with each
-    comparison's indices shifted to its group's rows and a weight of 1 / (pairs in its
-    group x groups in the batch)."""
+    """A batch of prompt groups. Per group: the tokens all its responses share
+    (``prefix_ids``) and the rest of each response, right-padded (``suffix_ids``,
+    ``suffix_mask``); the comparisons index the groups' responses in order, each with a
+    weight of 1 / (pairs in its group x groups in the batch)."""
 
     pad_token_id: int
 
-    def __call__(self, groups: list[dict[str, list]]) -> dict[str, torch.Tensor]:
-        sequences, chosen, rejected, weights = [], [], [], []
+    def __call__(self, groups: list[dict[str, list]]) -> dict[str, Any]:
+        prefixes, suffixes, masks, chosen, rejected, weights = [], [], [], [], [], []
+        offset = 0
         for group in groups:
-            offset, pairs = len(sequences), len(group["chosen_index"])
-            sequences += [torch.tensor(ids) for ids in group["sequence_ids"]]
+            sequences, pairs = group["sequence_ids"], len(group["chosen_index"])
+            length = shared_prefix_length(sequences)
+            rest = [torch.tensor(ids[length:]) for ids in sequences]
+            prefixes.append(torch.tensor(sequences[0][:length], dtype=torch.long))
+            suffixes.append(pad(rest, padding_value=self.pad_token_id, padding_side="right"))
+            masks.append(pad([torch.ones_like(ids) for ids in rest], padding_value=0, padding_side="right"))
             chosen += [offset + index for index in group["chosen_index"]]
             rejected += [offset + index for index in group["rejected_index"]]
             weights += [1.0 / (pairs * len(groups))] * pairs
+            offset += len(sequences)
         return {
-            "input_ids": pad(sequences, padding_value=self.pad_token_id, padding_side="right"),
-            "attention_mask": pad([torch.ones_like(ids) for ids in sequences], padding_value=0, padding_side="right"),
+            "prefix_ids": prefixes,
+            "suffix_ids": suffixes,
+            "suffix_mask": masks,
             "chosen_index": torch.tensor(chosen),
             "rejected_index": torch.tensor(rejected),
             "pair_weight": torch.tensor(weights),
         }
+
+
+def plain_rewards(model, prefix_ids: torch.Tensor, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+    """One group's rewards, every response forwarded whole (prefix + its own tokens)."""
+    count = suffix_ids.shape[0]
+    input_ids = torch.cat([prefix_ids.expand(count, -1), suffix_ids], 1)
+    attention_mask = torch.cat([suffix_mask.new_ones(count, prefix_ids.shape[0]), suffix_mask], 1)
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
+
+
+def shared_prefix_rewards(model, prefix_ids: torch.Tensor, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+    """One group's rewards with the shared prefix forwarded once: its cache (keys and
+    values, with their gradients) is repeated for each response, and the responses'
+    own tokens continue from its positions. The reward is read at each response's last
+    non-pad token, as in the plain forward."""
+    count, length = suffix_ids.shape[0], prefix_ids.shape[0]
+    if length == 0:
+        return plain_rewards(model, prefix_ids, suffix_ids, suffix_mask)
+    cache = model(input_ids=prefix_ids[None], use_cache=True).cache
+    cache.batch_repeat_interleave(count)
+    positions = torch.arange(length, length + suffix_ids.shape[1], device=suffix_ids.device).expand(count, -1)
+    attention_mask = torch.cat([suffix_mask.new_ones(count, length), suffix_mask], 1)
+    outputs = model(input_ids=suffix_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True)
+    return outputs.logits.squeeze(-1)
+
+
+def shared_prefix_matches(model, prefix_ids, suffix_ids, suffix_mask) -> bool:
+    """Whether the shared-prefix forward gives this model's plain rewards (to bf16's
+    rounding); False for a model that takes no cache. Compared in eval mode, so dropout
+    does not tell them apart."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = plain_rewards(model, prefix_ids, suffix_ids, suffix_mask).float()
+            shared = shared_prefix_rewards(model, prefix_ids, suffix_ids, suffix_mask).float()
+    except (TypeError, ValueError, AttributeError, RuntimeError) as error:
+        logger.info("reward: the shared-prefix forward failed (%s); every response is forwarded whole", error)
+        return False
+    finally:
+        model.train(training)
+    tolerance = 2e-2 * (1.0 + plain.abs().max().item())
+    return shared.shape == plain.shape and (shared - plain).abs().max().item() <= tolerance
 
 
 class GroupedRewardTrainer(RewardTrainer):
@@ -85,6 +156,7 @@ class GroupedRewardTrainer(RewardTrainer):
     def __init__(self, *args, processing_class, **kwargs):
         kwargs.setdefault("data_collator", GroupCollator(pad_token_id=processing_class.pad_token_id))
         super().__init__(*args, processing_class=processing_class, **kwargs)
+        self._shared_prefix: bool | None = None  # decided on the first batch
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # prompt_groups has tokenized and filtered it
@@ -93,17 +165,29 @@ class GroupedRewardTrainer(RewardTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["sequence_ids", "chosen_index", "rejected_index"]
 
+    def group_rewards(self, model, inputs) -> torch.Tensor:
+        groups = list(zip(inputs["prefix_ids"], inputs["suffix_ids"], inputs["suffix_mask"]))
+        if self._shared_prefix is None:
+            # Activation checkpointing recomputes the forward without a cache.
+            self._shared_prefix = not self.args.activation_checkpointing and shared_prefix_matches(model, *groups[0])
+            logger.info("reward: %s", "the shared prefix of each prompt's responses is forwarded once"
+                        if self._shared_prefix else "every response is forwarded whole")
+        forward = shared_prefix_rewards if self._shared_prefix else plain_rewards
+        return torch.cat([forward(model, *group) for group in groups])
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        rewards = outputs.logits.squeeze(-1)
+        rewards = self.group_rewards(model, inputs)
+        outputs = {"rewards": rewards}
         rewards_chosen, rewards_rejected = rewards[inputs["chosen_index"]], rewards[inputs["rejected_index"]]
         margins = rewards_chosen - rewards_rejected
         loss = -(torch.nn.functional.logsigmoid(margins) * inputs["pair_weight"]).sum()
         if self.args.center_rewards_coefficient is not None:
             loss += self.args.center_rewards_coefficient * torch.mean(rewards**2)
         if mode == "train":
-            self._total_train_tokens += inputs["attention_mask"].sum().item()
+            self._total_train_tokens += sum(
+                mask.sum().item() + mask.shape[0] * prefix.shape[0] for prefix, mask in zip(inputs["prefix_ids"], inputs["suffix_mask"])
+            )
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():  # the same running metrics TRL logs, over comparisons
             self._metrics[mode]["mean_reward"].append(rewards.mean().item())
