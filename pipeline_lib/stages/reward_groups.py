@@ -10,8 +10,8 @@ pairs it has. A group with one pair is exactly TRL's loss on that pair.
 
 The responses of one prompt share its chat prompt (and often their first tokens), so the
 shared prefix is forwarded once and its keys and values are repeated for each response
-(``shared_prefix_rewards``): in the default preset half of every sequence is prompt, and
-the reward step costs about half. Mathematically it is the same forward; the first batch
+(``shared_prefix_rewards``): in the default preset about half of every sequence is prompt,
+and a training step on a 2-core CPU takes about 17% less. It is the same forward; the first batch
 checks it against the plain forward, and a model whose rewards differ, or that takes no
 cache, is trained with the plain forward (every response forwarded whole).
 
