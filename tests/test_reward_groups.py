@@ -35,6 +35,14 @@ def tokenizer_and_model(tiny_base_model: Path):
     return tokenizer, model
 
 
+def grouped_trainer(tokenizer, model, tmp_path: Path, checkpointing: bool = False):
+    """A GroupedRewardTrainer over ROWS, and the one batch of all its groups."""
+    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=checkpointing)
+    groups = prompt_groups(ROWS, tokenizer, max_length=None)
+    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
+    return trainer, trainer.data_collator(groups)
+
+
 def test_prompt_groups_hold_each_distinct_response_once(tokenizer_and_model) -> None:
     tokenizer, _ = tokenizer_and_model
     sea, cat = prompt_groups(ROWS, tokenizer, max_length=None)
@@ -62,10 +70,7 @@ def test_prompt_groups_drop_pairs_with_a_side_over_max_length(tokenizer_and_mode
 
 def test_grouped_loss_is_trls_pairwise_loss_averaged_per_prompt(tokenizer_and_model, tmp_path: Path) -> None:
     tokenizer, model = tokenizer_and_model
-    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=False)
-    groups = prompt_groups(ROWS, tokenizer, max_length=None)
-    grouped = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
-    batch = grouped.data_collator(groups)
+    grouped, batch = grouped_trainer(tokenizer, model, tmp_path)
     # 3 + 2 distinct responses, not 2 x 4 pair sides; each group's chat prompt once
     assert [suffix.shape[0] for suffix in batch["suffix_ids"]] == [3, 2]
     assert batch["prefix_ids"][0].tolist() == scored_sequence_ids(tokenizer, "Describe the sea.", "Grey.")[: len(batch["prefix_ids"][0])]
@@ -81,7 +86,7 @@ def test_grouped_loss_is_trls_pairwise_loss_averaged_per_prompt(tokenizer_and_mo
             for row in rows
         ]
 
-    pairwise = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(tokenized(ROWS)), processing_class=tokenizer)
+    pairwise = RewardTrainer(model=model, args=grouped.args, train_dataset=Dataset.from_list(tokenized(ROWS)), processing_class=tokenizer)
     per_prompt = [
         pairwise.compute_loss(model, pairwise.data_collator(tokenized([row for row in ROWS if row["prompt"] == prompt])))
         for prompt in ("Describe the sea.", "Describe a cat.")
@@ -99,10 +104,7 @@ def test_shared_prefix_leaves_every_sequence_a_token() -> None:
 
 def test_shared_prefix_forward_gives_the_plain_rewards_and_gradients(tokenizer_and_model, tmp_path: Path) -> None:
     tokenizer, model = tokenizer_and_model
-    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=False)
-    groups = prompt_groups(ROWS, tokenizer, max_length=None)
-    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
-    batch = trainer.data_collator(groups)
+    trainer, batch = grouped_trainer(tokenizer, model, tmp_path)
     results = []
     for forward in (plain_rewards, shared_prefix_rewards):
         model.zero_grad()
@@ -129,10 +131,7 @@ class _NoCache(torch.nn.Module):
 
 def test_a_model_without_a_cache_is_trained_on_whole_responses(tokenizer_and_model, tmp_path: Path) -> None:
     tokenizer, model = tokenizer_and_model
-    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=False)
-    groups = prompt_groups(ROWS, tokenizer, max_length=None)
-    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
-    batch = trainer.data_collator(groups)
+    trainer, batch = grouped_trainer(tokenizer, model, tmp_path)
     wrapped = _NoCache(model)
     loss = trainer.compute_loss(wrapped, batch)
     assert trainer._shared_prefix is False
@@ -144,8 +143,6 @@ def test_a_model_without_a_cache_is_trained_on_whole_responses(tokenizer_and_mod
 def test_activation_checkpointing_forwards_whole_responses(tokenizer_and_model, tmp_path: Path) -> None:
     """Checkpointing recomputes each layer's forward without a cache: the plain forward is used."""
     tokenizer, model = tokenizer_and_model
-    args = RewardConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, activation_checkpointing=True)
-    groups = prompt_groups(ROWS, tokenizer, max_length=None)
-    trainer = GroupedRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(groups), processing_class=tokenizer)
-    trainer.compute_loss(model, trainer.data_collator(groups))
+    trainer, batch = grouped_trainer(tokenizer, model, tmp_path, checkpointing=True)
+    trainer.compute_loss(model, batch)
     assert trainer._shared_prefix is False
