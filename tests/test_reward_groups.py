@@ -106,9 +106,13 @@ def test_shared_prefix_forward_gives_the_plain_rewards_and_gradients(tokenizer_a
     tokenizer, model = tokenizer_and_model
     trainer, batch = grouped_trainer(tokenizer, model, tmp_path)
     results = []
-    for forward in (plain_rewards, shared_prefix_rewards):
+    groups = list(zip(batch["prefix_ids"], batch["suffix_ids"], batch["suffix_mask"]))
+    for shared in (False, True):
         model.zero_grad()
-        rewards = torch.cat([forward(model, *group) for group in zip(batch["prefix_ids"], batch["suffix_ids"], batch["suffix_mask"])])
+        if shared:
+            rewards = torch.cat([shared_prefix_rewards(model, *group) for group in groups])
+        else:
+            rewards = plain_rewards(model, groups, tokenizer.pad_token_id)
         (rewards * torch.arange(1.0, len(rewards) + 1)).sum().backward()
         results.append((rewards.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}))
     (plain, plain_grads), (shared, shared_grads) = results

@@ -106,11 +106,16 @@ class GroupCollator:
         }
 
 
-def plain_rewards(model, prefix_ids: torch.Tensor, suffix_ids: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
-    """One group's rewards, every response forwarded whole (prefix + its own tokens)."""
-    count = suffix_ids.shape[0]
-    input_ids = torch.cat([prefix_ids.expand(count, -1), suffix_ids], 1)
-    attention_mask = torch.cat([suffix_mask.new_ones(count, prefix_ids.shape[0]), suffix_mask], 1)
+def plain_rewards(model, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], pad_token_id: int) -> torch.Tensor:
+    """The rewards of every response of ``groups`` ((prefix, suffixes, mask) each), in
+    order, each response forwarded whole: one right-padded forward for the whole batch."""
+    sequences = [
+        torch.cat([prefix, suffix[row_mask.bool()]])
+        for prefix, suffixes, mask in groups
+        for suffix, row_mask in zip(suffixes, mask)
+    ]
+    input_ids = pad(sequences, padding_value=pad_token_id, padding_side="right")
+    attention_mask = pad([torch.ones_like(ids) for ids in sequences], padding_value=0, padding_side="right")
     return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.squeeze(-1)
 
 
@@ -121,7 +126,7 @@ def shared_prefix_rewards(model, prefix_ids: torch.Tensor, suffix_ids: torch.Ten
     non-pad token, as in the plain forward."""
     count, length = suffix_ids.shape[0], prefix_ids.shape[0]
     if length == 0:
-        return plain_rewards(model, prefix_ids, suffix_ids, suffix_mask)
+        return model(input_ids=suffix_ids, attention_mask=suffix_mask, use_cache=False).logits.squeeze(-1)
     cache = model(input_ids=prefix_ids[None], use_cache=True).cache
     cache.batch_repeat_interleave(count)
     positions = torch.arange(length, length + suffix_ids.shape[1], device=suffix_ids.device).expand(count, -1)
@@ -130,7 +135,7 @@ def shared_prefix_rewards(model, prefix_ids: torch.Tensor, suffix_ids: torch.Ten
     return outputs.logits.squeeze(-1)
 
 
-def shared_prefix_matches(model, prefix_ids, suffix_ids, suffix_mask) -> bool:
+def shared_prefix_matches(model, group: tuple[torch.Tensor, torch.Tensor, torch.Tensor], pad_token_id: int) -> bool:
     """Whether the shared-prefix forward gives this model's plain rewards (to bf16's
     rounding); False for a model that takes no cache. Compared in eval mode, so dropout
     does not tell them apart."""
@@ -138,8 +143,8 @@ def shared_prefix_matches(model, prefix_ids, suffix_ids, suffix_mask) -> bool:
     model.eval()
     try:
         with torch.no_grad():
-            plain = plain_rewards(model, prefix_ids, suffix_ids, suffix_mask).float()
-            shared = shared_prefix_rewards(model, prefix_ids, suffix_ids, suffix_mask).float()
+            plain = plain_rewards(model, [group], pad_token_id).float()
+            shared = shared_prefix_rewards(model, *group).float()
     except (TypeError, ValueError, AttributeError, RuntimeError) as error:
         logger.info("reward: the shared-prefix forward failed (%s); every response is forwarded whole", error)
         return False
@@ -167,13 +172,15 @@ class GroupedRewardTrainer(RewardTrainer):
 
     def group_rewards(self, model, inputs) -> torch.Tensor:
         groups = list(zip(inputs["prefix_ids"], inputs["suffix_ids"], inputs["suffix_mask"]))
+        pad_token_id = self.processing_class.pad_token_id
         if self._shared_prefix is None:
             # Activation checkpointing recomputes the forward without a cache.
-            self._shared_prefix = not self.args.activation_checkpointing and shared_prefix_matches(model, *groups[0])
+            self._shared_prefix = not self.args.activation_checkpointing and shared_prefix_matches(model, groups[0], pad_token_id)
             logger.info("reward: %s", "the shared prefix of each prompt's responses is forwarded once"
                         if self._shared_prefix else "every response is forwarded whole")
-        forward = shared_prefix_rewards if self._shared_prefix else plain_rewards
-        return torch.cat([forward(model, *group) for group in groups])
+        if not self._shared_prefix:
+            return plain_rewards(model, groups, pad_token_id)
+        return torch.cat([shared_prefix_rewards(model, *group) for group in groups])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
