@@ -184,6 +184,7 @@ def submit_stages(runners, config: PipelineConfig, plan: Plan, base_model_dir: P
                 base_model_dir=str(base_model_dir),
                 upstream=upstream,
                 store_id=store_id,
+                threads=stage.threads,
             )
             with placed(config, stage.name):
                 futures[stage.name] = target.submit(task, parameters)
@@ -245,7 +246,8 @@ def rlhf(params: RunParameters = RunParameters()) -> dict[str, Any]:
     base_model_dir = prepare_base_model(config, params.stage_names())
     plan = make_plan(config, params.stage_names(), params.force_names())
     for stage in plan.stages:
-        logger.info("plan: %-9s %s %s", stage.name, stage.key[:12], "cached" if not stage.will_run else "will run")
+        state = "cached" if not stage.will_run else f"will run ({stage.threads} torch thread{'s' * (stage.threads > 1)})"
+        logger.info("plan: %-9s %s %s", stage.name, stage.key[:12], state)
     progress = create_progress_artifact(0.0, key="rlhf-progress", description="Stages finished")
     results: dict[str, StageResult] = {}
     failures: dict[str, str] = {}

@@ -1,32 +1,32 @@
-"""Share the machine's cores between stages that run side by side in separate processes.
+"""How many torch threads each stage trains with: a number fixed by the run's DAG.
 
-Reward, DPO, PPO and GRPO may run at the same time (each stage trains in a process of its
-own, pipeline_lib/launch.py).
-torch's thread pool is per process and neither torch nor Prefect knows of the other
-stages, so we keep a small registry: each running stage holds a marker file
-``<directory>/<stage>.<pid>``, and its torch thread count is ``cores // live markers``.
-Training stages re-check after every optimizer step (``ShareCores``), so a stage whose
-neighbour has finished takes the freed cores instead of leaving them idle. A marker whose
-process died (killed run) is ignored.
+Reward, DPO, PPO and GRPO may run at the same time, each in a process of its own
+(pipeline_lib/launch.py), and torch's thread pool is per process. A stage's threads are
+this machine's cores split by the widest set of stages of the run that can be running
+beside it (``planned_threads``): with the default stages on two cores, reward, DPO and PPO
+get one thread each (any two of them can overlap) and data prep, SFT and evaluate, which
+nothing runs beside, get both.
 
-Under Ray (``execution.runner: ray``) none of this is used: Ray places each stage where
-the CPUs it asked for are free, and the stage takes those CPUs as its threads (``granted``).
+Why fixed rather than re-balanced as neighbours come and go: the number of threads changes
+the last bits of torch's CPU reductions (the weight gradients of every layer, measured), so
+a stage that took the cores a neighbour freed trained on other bits each time the timing
+differed, and at temperature 1 other bits draw other tokens. DPO's figures moved by up to
+0.1 between two runs of one config that way. A count from the DAG depends on the config
+and the machine only, never on timing or on what the store already holds, so the same
+config gives the same numbers on the same machine, and a stage resumed or re-run alone
+gives what it gave inside the whole run. The price is the cores a stage leaves idle when
+it runs alone where it could have had a neighbour.
 
-Outside ``running`` (a stage called directly, the tests) nothing changes torch's threads.
-A thread count can change the last bits of CPU reductions, so two runs whose stages
-overlapped differently may differ in those bits; a stage run alone is repeatable, and so
-is every run when ``OMP_NUM_THREADS`` caps each stage at one thread (the tests do).
+Under Ray (``execution.runner: ray``) the stage takes the CPUs Ray granted it instead.
+``OMP_NUM_THREADS`` caps each stage (the user's cap on threads per process).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
-
-
-_active: tuple[Path, int] | None = None
 
 
 def process_alive(pid: int) -> bool:
@@ -39,63 +39,67 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):  # no /proc (not Linux): trust the probe
         return True
     return state not in ("Z", "X")
 
 
-def running_stages(directory: Path) -> list[str]:
-    """Names of the stages whose process is alive, from their markers."""
-    names = []
-    for marker in Path(directory).glob("*.*"):
-        stage, _, pid = marker.name.rpartition(".")
-        if pid.isdigit() and process_alive(int(pid)):
-            names.append(stage)
-    return sorted(names)
+def _ancestors(name: str, upstream: Mapping[str, Sequence[str]]) -> set[str]:
+    found: set[str] = set()
+    pending = list(upstream.get(name, ()))
+    while pending:
+        stage = pending.pop()
+        if stage not in found:
+            found.add(stage)
+            pending.extend(upstream.get(stage, ()))
+    return found
 
 
-def share(directory: Path, cores: int) -> int:
-    """This process's share: all the cores split evenly between the live stages, at most
-    ``OMP_NUM_THREADS`` when the user set it (their cap on threads per process)."""
-    threads = max(1, cores // max(1, len(running_stages(directory))))
-    cap = os.environ.get("OMP_NUM_THREADS", "")
-    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
+def widths(upstream: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """For each stage of the DAG (``name -> the stages it reads``), the size of the largest
+    set of stages, itself included, that can run at the same time: stages none of which
+    reads another's output, directly or not. A run has at most a handful of stages, so
+    every subset is tried."""
+    names = list(upstream)
+    ancestors = {name: _ancestors(name, upstream) for name in names}
+
+    def independent(a: str, b: str) -> bool:
+        return a not in ancestors[b] and b not in ancestors[a]
+
+    result = {}
+    for name in names:
+        beside = [other for other in names if other != name and independent(name, other)]
+        widest = 0
+        for size in range(len(beside), 0, -1):
+            if any(all(independent(a, b) for a, b in itertools.combinations(group, 2))
+                   for group in itertools.combinations(beside, size)):
+                widest = size
+                break
+        result[name] = 1 + widest
+    return result
 
 
-def apply_share() -> int | None:
-    """Set torch's threads to this stage's current share; None outside ``running``."""
+def cap(threads: int) -> int:
+    """``threads``, at most ``OMP_NUM_THREADS`` when the user set it."""
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
+
+
+def planned_threads(upstream: Mapping[str, Sequence[str]], cores: int | None = None) -> dict[str, int]:
+    """Each stage's torch threads: ``cores`` (this machine's) split evenly between the
+    widest set of stages that can run beside it, at least one, at most ``OMP_NUM_THREADS``."""
+    cores = cores or os.cpu_count() or 1
+    return {name: cap(max(1, cores // width)) for name, width in widths(upstream).items()}
+
+
+@contextmanager
+def granted(threads: int | None) -> Iterator[int]:
+    """Run with ``threads`` torch threads: the plan's count for the stage, or the CPUs a
+    scheduler (Ray) granted its task; torch's own default when None (a stage run directly)."""
     import torch
 
-    if _active is None:
-        return None
-    threads = share(*_active)
-    if threads != torch.get_num_threads():
+    if threads is not None:
         torch.set_num_threads(threads)
-    return threads
-
-
-@contextmanager
-def running(directory: Path, stage: str, cores: int | None = None) -> Iterator[int]:
-    """Register this process as running ``stage`` and take its share of ``cores``."""
-    global _active
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    marker = directory / f"{stage}.{os.getpid()}"
-    marker.touch()
-    _active = (directory, cores or os.cpu_count() or 1)
-    try:
-        yield apply_share()
-    finally:
-        _active = None
-        marker.unlink(missing_ok=True)
-
-
-@contextmanager
-def granted(threads: int) -> Iterator[int]:
-    """Run with the ``threads`` a scheduler granted this stage (Ray's CPUs for its task):
-    the scheduler already keeps stages from oversubscribing a node, so no markers."""
-    import torch
-
-    torch.set_num_threads(threads)
-    yield threads
+    yield torch.get_num_threads()

@@ -274,13 +274,12 @@ def run_stage_distributed(
     config_json: dict[str, Any],
     inputs: dict[str, Path],
     out_dir: Path,
-    cores_dir: Path | None = None,
     threads: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``registry.stage(stage_name).run`` on ``launch.num_processes`` processes; return rank 0's metrics.
-    The ranks split ``threads`` when a scheduler granted the stage cores (Ray), else they
-    share this machine's cores with the stages registered in ``cores_dir``.
+    The ranks split ``threads`` (the plan's for the stage, pipeline_lib/cores.py, or the CPUs
+    Ray granted), else this machine's cores.
 
     Raises ``StageFailed`` naming the stage, with the message of the rank that failed first,
     or the launcher's exit status when no rank could say."""
@@ -292,12 +291,12 @@ def run_stage_distributed(
     request = launch_dir / "request.json"
     request.write_text(json.dumps({
         "stage": stage_name, "config": config_json, "inputs": {name: str(path) for name, path in inputs.items()},
-        "out_dir": str(out_dir), "cores_dir": None if cores_dir is None else str(cores_dir),
+        "out_dir": str(out_dir),
     }))  # fmt: skip
     processes = config.launch.num_processes
     environment = {**os.environ, FLOW_PID_VARIABLE: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
     # torchrun pins every rank to one thread unless OMP_NUM_THREADS is set; give each its share.
-    if threads is not None:  # the cores Ray granted, split between the ranks
+    if threads is not None:  # the stage's threads, split between the ranks
         environment["OMP_NUM_THREADS"] = str(max(1, threads // processes))
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     logger.info("%s: launching %d processes (%s, %s)", stage_name, processes, config.launch.accelerate_config, engine(config))

@@ -98,7 +98,6 @@ def _child(
     config_json: dict[str, Any],
     inputs: dict[str, str],
     out_dir: str,
-    cores_dir: str | None,
     threads: int | None,
     devices: str | None,
     flow_pid: int,
@@ -124,9 +123,8 @@ def _child(
 
         config = PipelineConfig.model_validate(config_json)
         stage = registry.stage(stage_name)
-        # Cores granted by a scheduler (Ray), else a share of this machine's among its stages.
-        threads_of_stage = cores.granted(threads) if threads is not None else cores.running(Path(cores_dir), stage_name)
-        with threads_of_stage as used:
+        # The plan's threads for the stage, or the CPUs a scheduler (Ray) granted it.
+        with cores.granted(threads) as used:
             project_logger.info("%s: stage process %d started (%d torch threads)", stage_name, os.getpid(), used)
             metrics = stage.run(config, {name: Path(path) for name, path in inputs.items()}, Path(out_dir))
         results.put({"metrics": metrics})
@@ -150,15 +148,14 @@ def run_stage_process(
     config_json: dict[str, Any],
     inputs: dict[str, Path],
     out_dir: Path,
-    cores_dir: Path | None = None,
     threads: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``registry.stage(stage_name).run`` in a child process; return its metrics.
     ``on_progress`` gets the progress of each record that carries one (pipeline_lib/progress.py).
 
-    The stage's torch threads: ``threads`` when a scheduler granted it cores (Ray), else
-    its share of this machine's cores among the stages registered in ``cores_dir``.
+    The stage's torch threads: ``threads`` (the plan's, pipeline_lib/cores.py, or the CPUs
+    Ray granted); torch's default when None.
 
     Raises ``StageFailed`` naming the stage with the child's own error message, or with the
     signal that ended it."""
@@ -168,7 +165,7 @@ def run_stage_process(
         target=_child,
         args=(
             stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir),
-            None if cores_dir is None else str(cores_dir), threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
+            threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
             os.getpid(), logs, results,
         ),
         name=f"stage-{stage_name}",

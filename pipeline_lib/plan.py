@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline_lib import models, registry
+from pipeline_lib import cores, models, registry
 from pipeline_lib.config import ConfigError, PipelineConfig, check_precision, check_top_k
 from pipeline_lib.data import schemas, sentiment_task, sources
 from pipeline_lib.distributed import check_launch_here
@@ -41,6 +41,7 @@ class PlannedStage:
     cached: bool
     forced: bool = False
     problem: str | None = None  # why a published output is unusable, if one exists
+    threads: int = 1  # torch threads it trains with here (pipeline_lib/cores.py)
 
     @property
     def will_run(self) -> bool:
@@ -391,6 +392,10 @@ def make_plan(
             f"the current revision of {', '.join(unresolved)} is unresolved until the hub answers "
             "(data fingerprint 'unresolved'), and every stage key holds the data fingerprint"
         )
+    # Threads from the DAG of every stage the config runs (what this run selects, what the
+    # store holds aside), so a stage run alone trains as it does inside the whole run.
+    configured = closure(list(dict.fromkeys([*parse_stage_list(config.stages, what="stages"), *included])))
+    threads = cores.planned_threads({name: upstream_of(name, configured) for name in configured})
     keys: dict[str, str] = {}
     for name in included:
         upstream = {dep: keys[dep] for dep in upstream_of(name, included)}
@@ -399,6 +404,9 @@ def make_plan(
         keys[name] = key
         problem = store.validate(name, key) if store.path(name, key).exists() else "not in the store"
         plan.stages.append(
-            PlannedStage(name, key, upstream, store.path(name, key), cached=problem is None, forced=name in forced, problem=problem)
+            PlannedStage(
+                name, key, upstream, store.path(name, key), cached=problem is None, forced=name in forced, problem=problem,
+                threads=threads[name],
+            )
         )
     return plan

@@ -54,11 +54,8 @@ def main(request_path: str) -> None:
     try:
         config = PipelineConfig.model_validate(request["config"])
         stage = registry.stage(stage_name)
-        if request["cores_dir"] is None:  # granted by a scheduler: this rank's part, set by the parent
-            threads_of_rank = cores.granted(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        else:
-            threads_of_rank = cores.running(Path(request["cores_dir"]), f"{stage_name}-rank{rank}")
-        with threads_of_rank as threads:
+        # This rank's part of the stage's threads, set by the parent (run_stage_distributed).
+        with cores.granted(int(os.environ.get("OMP_NUM_THREADS", "1"))) as threads:
             project_logger.info("%s: rank %d of %d, process %d (%d torch threads)", stage_name, rank, world_size(), os.getpid(), threads)
             metrics = stage.run(config, {name: Path(path) for name, path in request["inputs"].items()}, out_dir)
         if rank == 0:

@@ -125,10 +125,13 @@ def run_stage(
     base_model_dir: str,
     upstream: dict[str, StageResult],
     store_id: str | None = None,
+    threads: int | None = None,
 ) -> StageResult:
     """Run one declared stage on the outputs of its upstream stages (paths, never models).
     ``store_id`` is the output root's identity for this run (``pipeline_lib.execution``):
-    a worker that does not see the same output root fails here, before any work."""
+    a worker that does not see the same output root fails here, before any work.
+    ``threads``: the stage's torch threads from the plan (pipeline_lib/cores.py); under Ray,
+    the CPUs Ray granted the task instead."""
     if store_id is not None:
         check_store_visible(config.output_root, store_id)
     inputs = {BASE_MODEL: Path(base_model_dir), **{name: Path(result.path) for name, result in upstream.items()}}
@@ -136,18 +139,16 @@ def run_stage(
     def train(out_dir: Path) -> dict[str, Any]:
         # The stage's ML runs in a process of its own (pipeline_lib/launch.py), or on
         # launch.num_processes processes under accelerate (pipeline_lib/distributed.py): if
-        # it dies, this task fails naming the stage, and the stages beside it carry on. Under
-        # Ray it takes the CPUs Ray granted this task; else its share of this machine's cores.
+        # it dies, this task fails naming the stage, and the stages beside it carry on.
         several = registry.stage(stage_name).distributed and config.launch.num_processes > 1
         if config.launch.num_processes > 1 and not several and stage_name in config.train_sections():
             # TRL 1.12's PPO (trl.experimental) cannot save from ranks other than 0 under transformers 5.
             get_run_logger().info("%s: runs on one process (launch.num_processes applies to %s)", stage_name,
                                   ", ".join(name for name in registry.stage_names() if registry.stage(name).distributed))
         run = run_stage_distributed if several else run_stage_process
-        threads = granted_threads()
-        cores_dir = prefect_dir(config) / "running" if threads is None else None
         return run(
-            stage_name, config.model_dump(mode="json"), inputs, out_dir, cores_dir, threads, on_progress=ProgressArtifacts(stage_name)
+            stage_name, config.model_dump(mode="json"), inputs, out_dir, granted_threads() or threads,
+            on_progress=ProgressArtifacts(stage_name),
         )
 
     return execute(stage_name, key, config, upstream, train, rerun)

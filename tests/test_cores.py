@@ -1,45 +1,55 @@
-"""Cores shared between stages running side by side in separate processes."""
+"""Each stage's torch threads, fixed by the run's DAG (pipeline_lib/cores.py)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from pipeline_lib import cores
+from pipeline_lib.config import load_config
+from pipeline_lib.plan import make_plan
 
 
-def test_a_stage_alone_takes_every_core_and_neighbours_split_them(tmp_path: Path, monkeypatch) -> None:
+def threads_of(plan) -> dict[str, int]:
+    return {stage.name: stage.threads for stage in plan.stages}
+
+
+def test_stages_that_can_overlap_split_the_cores_and_the_others_take_them_all(monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    dag = {"data_prep": [], "sft": ["data_prep"], "reward": ["sft"], "dpo": ["sft"], "ppo": ["reward"], "grpo": ["reward"],
+           "evaluate": ["sft", "reward", "dpo", "ppo", "grpo"]}
+    # dpo, ppo and grpo can all run at once; reward only beside dpo.
+    assert cores.widths(dag) == {"data_prep": 1, "sft": 1, "reward": 2, "dpo": 3, "ppo": 3, "grpo": 3, "evaluate": 1}
+    assert cores.planned_threads(dag, cores=16) == {"data_prep": 16, "sft": 16, "reward": 8, "dpo": 5, "ppo": 5, "grpo": 5,
+                                                    "evaluate": 16}
+    assert cores.planned_threads(dag, cores=2)["dpo"] == 1  # never below one
+
+
+def test_omp_num_threads_caps_each_stage(monkeypatch) -> None:
+    dag = {"sft": [], "reward": ["sft"], "dpo": ["sft"]}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cores.planned_threads(dag, cores=16) == {"sft": 3, "reward": 3, "dpo": 3}
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert cores.planned_threads(dag, cores=16) == {"sft": 16, "reward": 8, "dpo": 8}
+
+
+def test_a_stages_threads_do_not_depend_on_the_stages_selected_or_the_store(monkeypatch, tmp_path) -> None:
+    """A stage resumed or run alone trains with the threads it has inside the whole run."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cores.os, "cpu_count", lambda: 2)
+    config = load_config("default", overrides=[f"output_root={tmp_path}"], env_file=None)
+    whole = threads_of(make_plan(config))
+    assert whole == {"data_prep": 2, "sft": 2, "reward": 1, "dpo": 1, "ppo": 1, "evaluate": 2}
+    assert threads_of(make_plan(config, stages="dpo")) == {name: whole[name] for name in ("data_prep", "sft", "dpo")}
+    assert threads_of(make_plan(config, stages="ppo")) == {name: whole[name] for name in ("data_prep", "sft", "reward", "ppo")}
+
+
+def test_granted_sets_torch_threads_and_none_leaves_them() -> None:
     before = torch.get_num_threads()
     try:
-        with cores.running(tmp_path, "dpo", cores=2) as threads:
-            assert threads == 2 and torch.get_num_threads() == 2
-            assert cores.running_stages(tmp_path) == ["dpo"]
-            # A neighbour starts in another (live) process: this stage drops to its share ...
-            neighbour = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-            try:
-                (tmp_path / f"reward.{neighbour.pid}").touch()
-                assert cores.apply_share() == 1 and torch.get_num_threads() == 1
-            finally:
-                neighbour.kill()
-                neighbour.wait()
-            # ... and takes the core back once the neighbour's process is gone, marker or not.
-            assert cores.running_stages(tmp_path) == ["dpo"]
-            assert cores.apply_share() == 2 and torch.get_num_threads() == 2
-        assert not list(tmp_path.glob("dpo.*"))  # the marker goes with the stage
-        assert cores.apply_share() is None  # outside a running stage nothing is changed
+        with cores.granted(1) as threads:
+            assert threads == 1 and torch.get_num_threads() == 1
+        with cores.granted(None) as threads:
+            assert threads == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
 
-
-def test_omp_num_threads_caps_each_stage(tmp_path: Path, monkeypatch) -> None:
-    """The user's cap on threads per process holds (and makes runs repeatable whatever overlaps)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert cores.share(tmp_path, cores=8) == 1
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    assert cores.share(tmp_path, cores=8) == 3
-    monkeypatch.setenv("OMP_NUM_THREADS", "")
-    assert cores.share(tmp_path, cores=8) == 8

@@ -220,9 +220,8 @@ def test_kill_trials_across_every_stage_then_the_evaluation_equals_an_uninterrup
     """Every stage's process is killed once, at a random point of its first 0.3 seconds
     (model loading or training, as the OOM killer would), in DAG order: each trial runs
     that stage and what it needs, so what finished is reused and what was killed resumes.
-    The final run's evaluation must equal that of a run never interrupted (each stage
-    process is capped at one thread by conftest's OMP_NUM_THREADS, so overlaps do not
-    change bits)."""
+    The final run's evaluation must equal that of a run never interrupted (each stage's
+    threads come from the plan, pipeline_lib/cores.py, whatever overlaps it)."""
     import random
     import threading
 

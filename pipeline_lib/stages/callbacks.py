@@ -1,5 +1,5 @@
 """The trainer callbacks every training stage adds (``training.train_resumable``): step
-progress in the logs and the Prefect UI, and the cores shared with stages running beside it.
+progress in the logs and the Prefect UI.
 A module of their own so that importing a stage (to list or plan it) does not import
 transformers."""
 
@@ -8,8 +8,6 @@ from __future__ import annotations
 import logging
 
 import transformers
-
-from pipeline_lib.cores import apply_share
 
 logger = logging.getLogger("pipeline_lib.stages.training")  # where these lines have always been logged
 
@@ -27,13 +25,6 @@ class StepProgress(transformers.TrainerCallback):
         # ``progress``: the flow shows it as the stage's progress artifact (pipeline_lib/progress.py).
         steps = {"label": f"{self.stage} training", "done": state.global_step, "total": state.max_steps}
         logger.info("%s: step %d/%d%s", self.stage, state.global_step, state.max_steps, shown, extra={"progress": steps})
-
-
-class ShareCores(transformers.TrainerCallback):
-    """Re-balance torch's threads after every optimizer step (see pipeline_lib/cores.py)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        apply_share()
 
 
 def trainable_snapshot(model) -> dict:

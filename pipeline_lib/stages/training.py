@@ -102,10 +102,9 @@ def train_resumable(stage: str, trainer, out_dir: Path, resume: bool = True) -> 
     if examples is not None and len(examples) == 0:
         # TRL drops examples longer than max_length before training; say so, not "num_samples=0".
         raise no_example_fits(stage, getattr(trainer.args, "max_length", None))
-    from pipeline_lib.stages.callbacks import ShareCores, StepProgress
+    from pipeline_lib.stages.callbacks import StepProgress
 
     trainer.add_callback(StepProgress(stage))
-    trainer.add_callback(ShareCores())
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint:
         logger.info("%s: resuming from %s (%s)", stage, Path(checkpoint).name, checkpoint)
