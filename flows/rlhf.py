@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
     build_parser().parse_args()  # prints the help and exits, before Prefect and torch are imported
 
-from prefect import flow, get_run_logger  # noqa: E402
+from prefect import allow_failure, flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
@@ -186,8 +186,14 @@ def submit_stages(runners, config: PipelineConfig, plan: Plan, base_model_dir: P
                 store_id=store_id,
                 threads=stage.threads,
             )
+            # On this machine a stage starts once the earlier waves have ended, failed or not
+            # (pipeline_lib/cores.py); Ray decides for itself.
+            earlier = [] if config.execution.runner == "ray" else [
+                allow_failure(futures[other.name]) for other in plan.stages
+                if other.name in futures and other.wave < stage.wave and other.name not in upstream
+            ]
             with placed(config, stage.name):
-                futures[stage.name] = target.submit(task, parameters)
+                futures[stage.name] = target.submit(task, parameters, wait_for=earlier or None)
     return futures
 
 

@@ -1,30 +1,35 @@
-"""How many torch threads each stage trains with: a number fixed by the run's DAG.
+"""How many torch threads each stage trains with, fixed by the run's DAG, and when it starts.
 
-Reward, DPO, PPO and GRPO may run at the same time, each in a process of its own
-(pipeline_lib/launch.py), and torch's thread pool is per process. A stage's threads are
-this machine's cores split by the widest set of stages of the run that can be running
-beside it (``planned_threads``): with the default stages on two cores, reward, DPO and PPO
-get one thread each (any two of them can overlap) and data prep, SFT and evaluate, which
-nothing runs beside, get both.
+Reward, DPO, PPO and GRPO may each train at the same time, in processes of their own
+(pipeline_lib/launch.py), and torch's thread pool is per process. On this machine
+(``execution.runner: process``) the stages run in waves (``waves``): a stage's wave is one
+more than the latest wave of the stages it reads, and it starts once every stage of the
+waves before its own has finished (failed ones too). The stages of a wave split the cores
+evenly (``planned_threads``). The default run's waves: data prep; SFT; reward and DPO (one
+thread each on two cores); PPO (both); evaluate (both). PPO waits for DPO, which it does
+not read: on the default preset DPO finishes before the reward model anyway, and PPO then
+trains on both cores instead of one.
 
-Why fixed rather than re-balanced as neighbours come and go: the number of threads changes
-the last bits of torch's CPU reductions (the weight gradients of every layer, measured), so
-a stage that took the cores a neighbour freed trained on other bits each time the timing
-differed, and at temperature 1 other bits draw other tokens. DPO's figures moved by up to
-0.1 between two runs of one config that way. A count from the DAG depends on the config
-and the machine only, never on timing or on what the store already holds, so the same
-config gives the same numbers on the same machine, and a stage resumed or re-run alone
-gives what it gave inside the whole run. The price is the cores a stage leaves idle when
-it runs alone where it could have had a neighbour.
+Why fixed rather than re-balanced as stages come and go: the number of threads changes the
+last bits of torch's CPU reductions (the weight gradients of every layer; a forward's
+logits were the same), so a stage that took the cores a finished neighbour left trained on
+other bits whenever the timing differed, and at temperature 1 other bits draw other
+tokens. DPO's figures moved by up to 0.1 between two runs of one config that way. A count
+from the DAG depends on the config and the machine only, never on timing or on what the
+store already holds: the same config gives the same numbers on the same machine, and a
+stage resumed or run alone trains as it did inside the whole run. The waves keep the
+stages of one wave from sharing the cores with a later wave's, which would oversubscribe
+them (OpenMP threads that wait on each other spin).
 
-Under Ray (``execution.runner: ray``) the stage takes the CPUs Ray granted it instead.
-``OMP_NUM_THREADS`` caps each stage (the user's cap on threads per process).
+Under Ray (``execution.runner: ray``) a stage takes the CPUs Ray granted it instead, and
+Ray, not the waves, decides when it starts. ``OMP_NUM_THREADS`` caps each stage (the
+user's cap on threads per process).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -46,39 +51,17 @@ def process_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _ancestors(name: str, upstream: Mapping[str, Sequence[str]]) -> set[str]:
-    found: set[str] = set()
-    pending = list(upstream.get(name, ()))
-    while pending:
-        stage = pending.pop()
-        if stage not in found:
-            found.add(stage)
-            pending.extend(upstream.get(stage, ()))
-    return found
+def waves(upstream: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Each stage's wave (``name -> the stages it reads``): 0 for a stage that reads none,
+    else one more than the latest wave among the stages it reads."""
+    found: dict[str, int] = {}
 
+    def wave(name: str) -> int:
+        if name not in found:
+            found[name] = 1 + max((wave(dep) for dep in upstream.get(name, ()) if dep in upstream), default=-1)
+        return found[name]
 
-def widths(upstream: Mapping[str, Sequence[str]]) -> dict[str, int]:
-    """For each stage of the DAG (``name -> the stages it reads``), the size of the largest
-    set of stages, itself included, that can run at the same time: stages none of which
-    reads another's output, directly or not. A run has at most a handful of stages, so
-    every subset is tried."""
-    names = list(upstream)
-    ancestors = {name: _ancestors(name, upstream) for name in names}
-
-    def independent(a: str, b: str) -> bool:
-        return a not in ancestors[b] and b not in ancestors[a]
-
-    result = {}
-    for name in names:
-        beside = [other for other in names if other != name and independent(name, other)]
-        widest = 0
-        for size in range(len(beside), 0, -1):
-            if any(all(independent(a, b) for a, b in itertools.combinations(group, 2))
-                   for group in itertools.combinations(beside, size)):
-                widest = size
-                break
-        result[name] = 1 + widest
-    return result
+    return {name: wave(name) for name in upstream}
 
 
 def cap(threads: int) -> int:
@@ -89,9 +72,11 @@ def cap(threads: int) -> int:
 
 def planned_threads(upstream: Mapping[str, Sequence[str]], cores: int | None = None) -> dict[str, int]:
     """Each stage's torch threads: ``cores`` (this machine's) split evenly between the
-    widest set of stages that can run beside it, at least one, at most ``OMP_NUM_THREADS``."""
+    stages of its wave, at least one, at most ``OMP_NUM_THREADS``."""
     cores = cores or os.cpu_count() or 1
-    return {name: cap(max(1, cores // width)) for name, width in widths(upstream).items()}
+    wave_of = waves(upstream)
+    sizes = Counter(wave_of.values())
+    return {name: cap(max(1, cores // sizes[wave])) for name, wave in wave_of.items()}
 
 
 @contextmanager

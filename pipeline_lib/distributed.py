@@ -274,12 +274,14 @@ def run_stage_distributed(
     config_json: dict[str, Any],
     inputs: dict[str, Path],
     out_dir: Path,
+    running_dir: Path | None = None,
     threads: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``registry.stage(stage_name).run`` on ``launch.num_processes`` processes; return rank 0's metrics.
     The ranks split ``threads`` (the plan's for the stage, pipeline_lib/cores.py, or the CPUs
-    Ray granted), else this machine's cores.
+    Ray granted), else this machine's cores; each registers in ``running_dir`` as
+    ``<stage>-rank<i>.<pid>`` (``launch.registered``).
 
     Raises ``StageFailed`` naming the stage, with the message of the rank that failed first,
     or the launcher's exit status when no rank could say."""
@@ -291,7 +293,7 @@ def run_stage_distributed(
     request = launch_dir / "request.json"
     request.write_text(json.dumps({
         "stage": stage_name, "config": config_json, "inputs": {name: str(path) for name, path in inputs.items()},
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir), "running_dir": None if running_dir is None else str(running_dir),
     }))  # fmt: skip
     processes = config.launch.num_processes
     environment = {**os.environ, FLOW_PID_VARIABLE: str(os.getpid()), "PYTHONUNBUFFERED": "1"}

@@ -98,6 +98,7 @@ def _child(
     config_json: dict[str, Any],
     inputs: dict[str, str],
     out_dir: str,
+    running_dir: str | None,
     threads: int | None,
     devices: str | None,
     flow_pid: int,
@@ -124,7 +125,7 @@ def _child(
         config = PipelineConfig.model_validate(config_json)
         stage = registry.stage(stage_name)
         # The plan's threads for the stage, or the CPUs a scheduler (Ray) granted it.
-        with cores.granted(threads) as used:
+        with registered(running_dir, stage_name), cores.granted(threads) as used:
             project_logger.info("%s: stage process %d started (%d torch threads)", stage_name, os.getpid(), used)
             metrics = stage.run(config, {name: Path(path) for name, path in inputs.items()}, Path(out_dir))
         results.put({"metrics": metrics})
@@ -133,6 +134,23 @@ def _child(
         project_logger.error("%s failed:\n%s", stage_name, traceback.format_exc())
         results.put({"error": message})
         raise SystemExit(1)
+
+
+@contextmanager
+def registered(running_dir: str | Path | None, name: str) -> Iterator[None]:
+    """While the block runs, ``<running_dir>/<name>.<pid>`` says which process trains which
+    stage (or rank): ``ls <output_root>/prefect/running`` shows what is training now, and
+    what to signal or profile. A killed process leaves its file behind; its pid is gone."""
+    if running_dir is None:
+        yield
+        return
+    marker = Path(running_dir) / f"{name}.{os.getpid()}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    try:
+        yield
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def _describe_exit(stage_name: str, pid: int, exitcode: int | None) -> str:
@@ -148,6 +166,7 @@ def run_stage_process(
     config_json: dict[str, Any],
     inputs: dict[str, Path],
     out_dir: Path,
+    running_dir: Path | None = None,
     threads: int | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -155,7 +174,8 @@ def run_stage_process(
     ``on_progress`` gets the progress of each record that carries one (pipeline_lib/progress.py).
 
     The stage's torch threads: ``threads`` (the plan's, pipeline_lib/cores.py, or the CPUs
-    Ray granted); torch's default when None.
+    Ray granted); torch's default when None. While it trains, ``running_dir`` holds
+    ``<stage>.<pid>`` (``registered``).
 
     Raises ``StageFailed`` naming the stage with the child's own error message, or with the
     signal that ended it."""
@@ -165,7 +185,7 @@ def run_stage_process(
         target=_child,
         args=(
             stage_name, config_json, {name: str(path) for name, path in inputs.items()}, str(out_dir),
-            threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
+            None if running_dir is None else str(running_dir), threads, os.environ.get("CUDA_VISIBLE_DEVICES"),
             os.getpid(), logs, results,
         ),
         name=f"stage-{stage_name}",

@@ -42,6 +42,7 @@ class PlannedStage:
     forced: bool = False
     problem: str | None = None  # why a published output is unusable, if one exists
     threads: int = 1  # torch threads it trains with here (pipeline_lib/cores.py)
+    wave: int = 0  # on this machine it starts when the stages of earlier waves have ended
 
     @property
     def will_run(self) -> bool:
@@ -392,10 +393,11 @@ def make_plan(
             f"the current revision of {', '.join(unresolved)} is unresolved until the hub answers "
             "(data fingerprint 'unresolved'), and every stage key holds the data fingerprint"
         )
-    # Threads from the DAG of every stage the config runs (what this run selects, what the
-    # store holds aside), so a stage run alone trains as it does inside the whole run.
+    # Waves and threads from the DAG of every stage the config runs (what this run selects
+    # and what the store holds aside), so a stage run alone trains as inside the whole run.
     configured = closure(list(dict.fromkeys([*parse_stage_list(config.stages, what="stages"), *included])))
-    threads = cores.planned_threads({name: upstream_of(name, configured) for name in configured})
+    dag = {name: upstream_of(name, configured) for name in configured}
+    threads, waves = cores.planned_threads(dag), cores.waves(dag)
     keys: dict[str, str] = {}
     for name in included:
         upstream = {dep: keys[dep] for dep in upstream_of(name, included)}
@@ -406,7 +408,7 @@ def make_plan(
         plan.stages.append(
             PlannedStage(
                 name, key, upstream, store.path(name, key), cached=problem is None, forced=name in forced, problem=problem,
-                threads=threads[name],
+                threads=threads[name], wave=waves[name],
             )
         )
     return plan

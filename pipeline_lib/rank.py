@@ -22,7 +22,7 @@ from pipeline_lib import cores, registry
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.distributed import FLOW_PID_VARIABLE, LAUNCH_DIR, LOG_PREFIX, RESULT_FILE, world_size
 from pipeline_lib.errors import PipelineError
-from pipeline_lib.launch import end_with
+from pipeline_lib.launch import end_with, registered
 
 
 class _StdoutRecords(logging.Handler):
@@ -55,7 +55,8 @@ def main(request_path: str) -> None:
         config = PipelineConfig.model_validate(request["config"])
         stage = registry.stage(stage_name)
         # This rank's part of the stage's threads, set by the parent (run_stage_distributed).
-        with cores.granted(int(os.environ.get("OMP_NUM_THREADS", "1"))) as threads:
+        threads_of_rank = cores.granted(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        with registered(request["running_dir"], f"{stage_name}-rank{rank}"), threads_of_rank as threads:
             project_logger.info("%s: rank %d of %d, process %d (%d torch threads)", stage_name, rank, world_size(), os.getpid(), threads)
             metrics = stage.run(config, {name: Path(path) for name, path in request["inputs"].items()}, out_dir)
         if rank == 0:

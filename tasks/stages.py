@@ -147,8 +147,8 @@ def run_stage(
                                   ", ".join(name for name in registry.stage_names() if registry.stage(name).distributed))
         run = run_stage_distributed if several else run_stage_process
         return run(
-            stage_name, config.model_dump(mode="json"), inputs, out_dir, granted_threads() or threads,
-            on_progress=ProgressArtifacts(stage_name),
+            stage_name, config.model_dump(mode="json"), inputs, out_dir, prefect_dir(config) / "running",
+            granted_threads() or threads, on_progress=ProgressArtifacts(stage_name),
         )
 
     return execute(stage_name, key, config, upstream, train, rerun)

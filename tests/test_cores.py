@@ -13,15 +13,16 @@ def threads_of(plan) -> dict[str, int]:
     return {stage.name: stage.threads for stage in plan.stages}
 
 
-def test_stages_that_can_overlap_split_the_cores_and_the_others_take_them_all(monkeypatch) -> None:
+def test_the_stages_of_a_wave_split_the_cores_and_a_stage_alone_in_its_wave_takes_them_all(monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     dag = {"data_prep": [], "sft": ["data_prep"], "reward": ["sft"], "dpo": ["sft"], "ppo": ["reward"], "grpo": ["reward"],
            "evaluate": ["sft", "reward", "dpo", "ppo", "grpo"]}
-    # dpo, ppo and grpo can all run at once; reward only beside dpo.
-    assert cores.widths(dag) == {"data_prep": 1, "sft": 1, "reward": 2, "dpo": 3, "ppo": 3, "grpo": 3, "evaluate": 1}
-    assert cores.planned_threads(dag, cores=16) == {"data_prep": 16, "sft": 16, "reward": 8, "dpo": 5, "ppo": 5, "grpo": 5,
+    assert cores.waves(dag) == {"data_prep": 0, "sft": 1, "reward": 2, "dpo": 2, "ppo": 3, "grpo": 3, "evaluate": 4}
+    assert cores.planned_threads(dag, cores=16) == {"data_prep": 16, "sft": 16, "reward": 8, "dpo": 8, "ppo": 8, "grpo": 8,
                                                     "evaluate": 16}
-    assert cores.planned_threads(dag, cores=2)["dpo"] == 1  # never below one
+    without_grpo = {name: [dep for dep in deps if dep != "grpo"] for name, deps in dag.items() if name != "grpo"}
+    assert cores.planned_threads(without_grpo, cores=2) == {"data_prep": 2, "sft": 2, "reward": 1, "dpo": 1, "ppo": 2, "evaluate": 2}
+    assert cores.planned_threads({"a": [], "b": [], "c": []}, cores=2) == {"a": 1, "b": 1, "c": 1}  # never below one
 
 
 def test_omp_num_threads_caps_each_stage(monkeypatch) -> None:
@@ -38,7 +39,7 @@ def test_a_stages_threads_do_not_depend_on_the_stages_selected_or_the_store(monk
     monkeypatch.setattr(cores.os, "cpu_count", lambda: 2)
     config = load_config("default", overrides=[f"output_root={tmp_path}"], env_file=None)
     whole = threads_of(make_plan(config))
-    assert whole == {"data_prep": 2, "sft": 2, "reward": 1, "dpo": 1, "ppo": 1, "evaluate": 2}
+    assert whole == {"data_prep": 2, "sft": 2, "reward": 1, "dpo": 1, "ppo": 2, "evaluate": 2}
     assert threads_of(make_plan(config, stages="dpo")) == {name: whole[name] for name in ("data_prep", "sft", "dpo")}
     assert threads_of(make_plan(config, stages="ppo")) == {name: whole[name] for name in ("data_prep", "sft", "reward", "ppo")}
 

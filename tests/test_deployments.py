@@ -205,7 +205,7 @@ def kill_reward_training_after_first_checkpoint(served, partials_before: set[Pat
     """SIGKILL the process training reward once checkpoint-2 is complete; returns the stage key.
 
     The process is the stage's own (pipeline_lib/launch.py), the one an out-of-memory kill
-    would hit; it registers as ``prefect/running/reward.<pid>`` (pipeline_lib/cores.py).
+    would hit; it registers as ``prefect/running/reward.<pid>`` (pipeline_lib/launch.py).
     The tiny reward stage trains for about a second after that checkpoint, so the store is
     polled in a tight loop and the run's state only every second. Nothing in the pipeline
     is patched.

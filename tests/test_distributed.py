@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from flows.rlhf import RunParameters, main, rlhf
@@ -67,24 +66,16 @@ def test_the_launch_settings_are_part_of_the_training_stages_keys_only():
     assert "data_prep" not in changed and not registry.stage("data_prep").distributed
 
 
-def rank_of(process: psutil.Process) -> str | None:
-    """The RANK a process of this test's launch runs as (None: not a rank, or gone)."""
-    try:
-        return process.environ().get("RANK") if "pipeline_lib.rank" in " ".join(process.cmdline()) else None
-    except psutil.Error:
-        return None
-
-
 def test_a_rank_killed_mid_stage_fails_the_stage_naming_it_and_the_rerun_resumes(two_process_run, tiny_base_model, tmp_path):
     root, summary = two_process_run
     config = load_config("tiny", overrides=[f"output_root={tmp_path}", *TWO, "sft.max_steps=12", "sft.save_steps=2"], env_file=None)
     inputs = {"base_model": tiny_base_model, "data_prep": Path(summary["stages"]["data_prep"]["path"])}
-    out_dir = tmp_path / "sft"
+    out_dir, running_dir = tmp_path / "sft", tmp_path / "running"
     outcome: dict = {}
 
     def first_attempt() -> None:
         try:
-            outcome["metrics"] = run_stage_distributed("sft", config.model_dump(mode="json"), inputs, out_dir)
+            outcome["metrics"] = run_stage_distributed("sft", config.model_dump(mode="json"), inputs, out_dir, running_dir)
         except StageFailed as error:
             outcome["error"] = str(error)
 
@@ -93,14 +84,14 @@ def test_a_rank_killed_mid_stage_fails_the_stage_naming_it_and_the_rerun_resumes
     deadline = time.time() + 180
     while not list((out_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline:
         time.sleep(0.1)
-    rank_one = [child for child in psutil.Process().children(recursive=True) if rank_of(child) == "1"]
-    assert rank_one, "rank 1 never started"
-    os.kill(rank_one[0].pid, signal.SIGKILL)
+    markers = list(running_dir.glob("sft-rank1.*"))
+    assert markers, "rank 1 never registered"
+    os.kill(int(markers[0].name.rpartition(".")[2]), signal.SIGKILL)
     thread.join(timeout=120)
     assert "metrics" not in outcome, "the stage finished before its rank was killed"
     assert "rank 1 of 2 was killed by SIGKILL" in outcome["error"], outcome["error"]
 
-    metrics = run_stage_distributed("sft", config.model_dump(mode="json"), inputs, out_dir)
+    metrics = run_stage_distributed("sft", config.model_dump(mode="json"), inputs, out_dir, running_dir)
     assert metrics["resumed_from_checkpoint"] is True
     assert metrics["world_size"] == 2
     assert (out_dir / "model.safetensors").is_file()

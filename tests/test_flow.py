@@ -183,6 +183,29 @@ def test_a_killed_stage_fails_alone_naming_itself_and_its_neighbour_finishes(har
     assert states["reward"] == "FAILED" and states["dpo"] == "COMPLETED", states
 
 
+def test_a_stage_starts_once_the_waves_before_its_own_have_ended(harness, tmp_path):
+    """Stages run in waves (pipeline_lib/cores.py): PPO reads the reward model, not DPO, yet
+    starts only once DPO, in the wave before its own, has ended; here DPO trains for longer
+    than the reward model, so PPO has to wait for it."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    state = run_flow(tmp_path, stages=["ppo", "dpo"], overrides=["dpo.max_steps=150", "reward.max_steps=2"])
+    assert state.is_completed(), state.message
+
+    async def task_runs():
+        async with get_client() as client:
+            this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            return {run.name.split("-")[0]: run for run in await client.read_task_runs(flow_run_filter=this_run)}
+
+    runs = asyncio.run(task_runs())
+    assert runs["reward"].end_time < runs["dpo"].end_time <= runs["ppo"].start_time, {
+        name: (run.start_time, run.end_time) for name, run in runs.items()
+    }
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["terminated", "killed"])
 def test_a_stopped_run_leaves_no_stage_training(tmp_path, signum):
     """The flow's process alone is stopped (a cancel from the UI sends SIGTERM; the OOM
