@@ -228,6 +228,19 @@ class PPOSection(TrainSection):
         "nats per response), training stops and keeps the last policy whose rollouts stayed within it. None: never stop.",
     )
 
+    target_kl: float | None = Field(
+        None,
+        gt=0,
+        description="Adaptive KL coefficient (Ziegler et al. 2019): after each batch kl_coef moves towards keeping the "
+        "rollouts this many nats from SFT (TRL's objective/kl), starting from kl_coef. None: kl_coef stays fixed.",
+    )
+    kl_horizon: int = Field(
+        10000,
+        ge=1,
+        description="Episodes over which the adaptive KL coefficient may change by e^0.2 at most (with target_kl); "
+        "Ziegler et al. used 10000. A shorter run wants a shorter horizon to move at all.",
+    )
+
     @model_validator(mode="after")
     def _mini_batches_divide_the_batch(self) -> "PPOSection":
         batch = self.per_device_train_batch_size * self.gradient_accumulation_steps

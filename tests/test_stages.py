@@ -224,6 +224,32 @@ def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None
     assert policy.weight.item() == 2.0 and stop.stopped_at_episode == 64 and stop.kept_kl == 2.0
 
 
+def test_the_adaptive_kl_coefficient_follows_ziegler_et_al() -> None:
+    """Under the target the coefficient falls, over it it rises, each by at most 20% of
+    episodes/horizon a batch; TRL reads it from args for the next batch."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.stages.ppo_reward import AdaptiveKlCoef
+
+    args, controller = SimpleNamespace(kl_coef=0.25), AdaptiveKlCoef(target=1.0, horizon=320, episodes_per_batch=32)
+    for kl in (0.0, 0.95, 3.0):
+        controller.on_log(args, None, None, logs={"objective/kl": kl})
+    controller.on_log(args, None, None, logs={"loss/value_avg": 0.1})  # a log without KL changes nothing
+    expected = [0.25 * 0.98, 0.25 * 0.98 * 0.995, 0.25 * 0.98 * 0.995 * 1.02]
+    assert controller.history == pytest.approx(expected) and args.kl_coef == pytest.approx(expected[-1])
+
+
+def test_ppo_with_a_target_kl_moves_its_coefficient(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """A target no rollout reaches (1000 nats) lowers kl_coef by the most a batch may, 20%,
+    after every batch (a horizon of one episode)."""
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.target_kl, config.ppo.kl_horizon = 1000.0, 1
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    assert metrics["logged_losses"] >= 2  # one entry per batch
+    assert metrics["final_kl_coef"] == pytest.approx(config.ppo.kl_coef * 0.8 ** metrics["logged_losses"])
+
+
 def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
     """With a limit no update can stay within, the stage stops at the second batch (whose
     rollouts measure the first update), or at the first when SFT's own rollouts measure a

@@ -47,7 +47,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from pipeline_lib.stages.ppo_reward import EosClosedReward, KlEarlyStop, rescale_value_head, score_statistics
+    from pipeline_lib.stages.ppo_reward import AdaptiveKlCoef, EosClosedReward, KlEarlyStop, rescale_value_head, score_statistics
 
     # --- setup
     section = config.ppo
@@ -118,6 +118,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     kl_stop = KlEarlyStop(policy, section.max_kl) if section.max_kl is not None else None
     if kl_stop is not None:
         trainer.add_callback(kl_stop)
+    if section.target_kl is not None:
+        batch = section.per_device_train_batch_size * section.gradient_accumulation_steps * max(1, args.world_size)
+        trainer.add_callback(AdaptiveKlCoef(section.target_kl, section.kl_horizon, batch))
     training.train_resumable("ppo", trainer, out_dir, resume=False)
     # --- save: the policy only (TRL's save_model unwraps it from the value model)
     history = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
@@ -133,6 +136,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "first_reward_model_score": first.get("objective/scores"),
         "final_reward_model_score": last.get("objective/scores"),
         "final_kl": last.get("objective/kl"),
+        "final_kl_coef": args.kl_coef,
         "reward_mean": reward_mean if section.normalize_reward else None,
         "reward_std": reward_std if section.normalize_reward else None,
         "stopped_early_at_episode": kl_stop.stopped_at_episode if kl_stop else None,

@@ -1,6 +1,7 @@
 """The reward model as PPO reads it (``EosClosedReward``, its scores standardised by
-``score_statistics``) and PPO's early stopping on KL (``KlEarlyStop``), a module of their
-own so that the PPO stage's module imports without torch."""
+``score_statistics``), PPO's early stopping on KL (``KlEarlyStop``) and its adaptive KL
+coefficient (``AdaptiveKlCoef``), a module of their own so that the PPO stage's module
+imports without torch."""
 
 from __future__ import annotations
 
@@ -131,3 +132,30 @@ class KlEarlyStop(transformers.TrainerCallback):
             f"stopped at episode {state.episode}: its rollouts were {kl:.2f} nats from SFT, past ppo.max_kl={self.max_kl}; "
             f"keeping the policy whose rollouts were {self.kept_kl if self.kept_kl is not None else 0.0:.2f}"
         )
+
+
+class AdaptiveKlCoef(transformers.TrainerCallback):
+    """Ziegler et al. (2019)'s adaptive KL coefficient, which TRL's PPO no longer has: after
+    each batch, ``kl_coef`` moves towards the value that keeps the rollouts ``target`` nats
+    from SFT (``ppo.target_kl``),
+
+        error = clip(kl / target - 1, -0.2, 0.2);  kl_coef *= 1 + error * min(1, episodes / horizon)
+
+    with ``kl`` the batch's rollouts' KL (TRL's ``objective/kl``), ``episodes`` the batch's
+    rollouts and ``horizon`` ``ppo.kl_horizon``. A run under the target loosens the leash,
+    one over it tightens it, by at most 20% a batch (less when the horizon is longer). TRL reads
+    ``args.kl_coef`` when it computes each batch's rewards, so the next batch uses the new
+    value. ``history``: the coefficient after each batch."""
+
+    def __init__(self, target: float, horizon: int, episodes_per_batch: int):
+        self.target, self.horizon, self.episodes_per_batch = target, horizon, episodes_per_batch
+        self.history: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        kl = (logs or {}).get("objective/kl")
+        if kl is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        args.kl_coef *= 1.0 + error * min(1.0, self.episodes_per_batch / self.horizon)
+        self.history.append(args.kl_coef)
+        logger.info("ppo: rollouts %.3f nats from SFT (target %.3g): kl_coef now %.4g", kl, self.target, args.kl_coef)
