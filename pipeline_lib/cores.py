@@ -70,11 +70,10 @@ def cap(threads: int) -> int:
     return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
 
 
-def planned_threads(upstream: Mapping[str, Sequence[str]], cores: int | None = None) -> dict[str, int]:
-    """Each stage's torch threads: ``cores`` (this machine's) split evenly between the
-    stages of its wave, at least one, at most ``OMP_NUM_THREADS``."""
+def planned_threads(wave_of: Mapping[str, int], cores: int | None = None) -> dict[str, int]:
+    """Each stage's torch threads, from its wave (``waves``): ``cores`` (this machine's)
+    split evenly between the stages of its wave, at least one, at most ``OMP_NUM_THREADS``."""
     cores = cores or os.cpu_count() or 1
-    wave_of = waves(upstream)
     sizes = Counter(wave_of.values())
     return {name: cap(max(1, cores // sizes[wave])) for name, wave in wave_of.items()}
 

@@ -396,8 +396,8 @@ def make_plan(
     # Waves and threads from the DAG of every stage the config runs (what this run selects
     # and what the store holds aside), so a stage run alone trains as inside the whole run.
     configured = closure(list(dict.fromkeys([*parse_stage_list(config.stages, what="stages"), *included])))
-    dag = {name: upstream_of(name, configured) for name in configured}
-    threads, waves = cores.planned_threads(dag), cores.waves(dag)
+    waves = cores.waves({name: upstream_of(name, configured) for name in configured})
+    threads = cores.planned_threads(waves)
     keys: dict[str, str] = {}
     for name in included:
         upstream = {dep: keys[dep] for dep in upstream_of(name, included)}

@@ -118,9 +118,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     kl_stop = KlEarlyStop(policy, section.max_kl) if section.max_kl is not None else None
     if kl_stop is not None:
         trainer.add_callback(kl_stop)
-    if section.target_kl is not None:
-        batch = section.per_device_train_batch_size * section.gradient_accumulation_steps * max(1, args.world_size)
-        trainer.add_callback(AdaptiveKlCoef(section.target_kl, section.kl_horizon, batch))
+    if section.target_kl is not None:  # args.batch_size: rollouts per batch, set by PPOTrainer
+        trainer.add_callback(AdaptiveKlCoef(section.target_kl, section.kl_horizon, args.batch_size))
     training.train_resumable("ppo", trainer, out_dir, resume=False)
     # --- save: the policy only (TRL's save_model unwraps it from the value model)
     history = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
