@@ -158,6 +158,11 @@ class TrainSection(Section):
     max_length: int = Field(128, ge=8, description="Longest tokenized sequence; longer ones are truncated.")
     top_k: int = Field(2, ge=0, description="Train only the top k decoder layers (0 = the full model).")
     warmup_steps: float = Field(0, ge=0, description="Warm-up: a step count, or a fraction of all steps when below 1.")
+    lr_scheduler_type: Literal["linear", "constant", "constant_with_warmup", "cosine"] = Field(
+        "linear",
+        description="Learning-rate schedule after warm-up (transformers' lr_scheduler_type): 'linear' decays to 0 by "
+        "the last step; 'constant' keeps the peak rate (PPO: every batch of rollouts updates as far as the first).",
+    )
     save_steps: int = Field(20, ge=1, description="Write a resumable trainer checkpoint every this many steps.")
     logging_steps: int = Field(5, ge=1, description="Log the loss every this many steps.")
 
@@ -187,10 +192,23 @@ class DPOSection(TrainSection):
     pair_source: Literal["auto", "data", "policy"] = Field(
         "auto",
         description="'data': data prep's pairs. 'policy' (embedded task only): before training, sample "
-        "data.samples_per_prompt responses per training prompt from SFT and rank them with the task's oracle, "
+        "samples_per_prompt responses per training prompt from SFT and rank them with the task's oracle, "
         "as in the DPO paper's sentiment experiment; the pairs are written to the stage's pairs_sampled.jsonl. "
         "'auto': 'policy' where data prep samples its pairs (the embedded task's data.pair_source 'sample'), "
         "else 'data'.",
+    )
+    samples_per_prompt: int | None = Field(
+        None,
+        ge=2,
+        le=16,
+        description="With pair_source 'policy': SFT's samples per training prompt, ranked by the oracle (more samples, "
+        "a wider gap between best and worst). None: data.samples_per_prompt.",
+    )
+    pairs_per_prompt: int | None = Field(
+        None,
+        ge=1,
+        le=120,
+        description="With pair_source 'policy': pairs kept per prompt, widest oracle gap first. None: data.pairs_per_prompt.",
     )
     precompute_ref_log_probs: bool = Field(
         True, description="Score the reference once before training instead of at every step (saves a forward pass per step after the first epoch)."

@@ -250,6 +250,19 @@ def test_ppo_with_a_target_kl_moves_its_coefficient(tiny_pipeline: TinyPipeline,
     assert metrics["final_kl_coef"] == pytest.approx(config.ppo.kl_coef * 0.8 ** metrics["logged_losses"])
 
 
+def test_ppo_with_a_constant_schedule_updates_every_batch_at_the_peak_rate(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """``lr_scheduler_type: constant``: each batch of rollouts updates at the peak rate, where
+    the default linear schedule (the fixture's PPO run) lowers it batch by batch."""
+    rates = lambda output: [entry["lr"] for entry in logged(output) if "objective/kl" in entry]  # noqa: E731
+    linear = rates(tiny_pipeline.outputs["ppo"])
+    assert len(linear) >= 2 and linear == sorted(linear, reverse=True) and linear[-1] < linear[0]
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.lr_scheduler_type = "constant"
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    assert rates(tmp_path / "ppo") == [config.ppo.learning_rate] * len(linear)
+
+
 def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
     """With a limit no update can stay within, the stage stops at the second batch (whose
     rollouts measure the first update), or at the first when SFT's own rollouts measure a
@@ -335,21 +348,33 @@ def test_dpo_on_policy_pairs_are_sft_samples_ranked_by_the_oracle_and_reused_on_
     tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``dpo.pair_source: policy``: DPO trains on pairs of SFT's own samples of the training
-    prompts, each chosen above its rejected by the margin by the oracle; a re-run of the
-    stage in the same directory (a resume) reads the written pairs back instead of sampling."""
+    prompts (``dpo.samples_per_prompt`` of each, up to ``dpo.pairs_per_prompt`` pairs), each
+    chosen above its rejected by the margin by the oracle; a re-run of the stage in the same
+    directory (a resume) reads the written pairs back instead of sampling."""
+    from collections import Counter
+
     from pipeline_lib.data import sentiment_task
     from pipeline_lib.stages import dpo
 
     config = tiny_pipeline.config.model_copy(deep=True)
     config.dpo.pair_source = "policy"
+    config.dpo.samples_per_prompt, config.dpo.pairs_per_prompt = config.data.samples_per_prompt + 1, 2
     config.data.pair_margin = 0.0  # the tiny model's samples are words VADER mostly scores 0
     inputs = {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}
+    sampled_with = []
+    real_sample_pairs = sentiment_task.sample_pairs
+
+    def recording_sample_pairs(*args, **kwargs):
+        sampled_with.append(args[3].pairs_per_prompt)
+        return real_sample_pairs(*args, **kwargs)
+
+    monkeypatch.setattr(sentiment_task, "sample_pairs", recording_sample_pairs)
     metrics = dpo.run(config, inputs, tmp_path / "dpo")
     rows = read_jsonl(tmp_path / "dpo" / dpo.SAMPLED_PAIRS)
-    assert metrics["pairs"] == len(rows) >= 2 and metrics["sampled_responses"] == len(
-        read_prompts(tiny_pipeline.data, "prompts_train")
-    ) * config.data.samples_per_prompt
-    assert {row["prompt"] for row in rows} <= set(read_prompts(tiny_pipeline.data, "prompts_train"))
+    prompts = read_prompts(tiny_pipeline.data, "prompts_train")
+    assert metrics["pairs"] == len(rows) >= 2 and metrics["sampled_responses"] == len(prompts) * config.dpo.samples_per_prompt
+    assert sampled_with == [2] and max(Counter(row["prompt"] for row in rows).values()) <= 2
+    assert {row["prompt"] for row in rows} <= set(prompts)
     for row in rows:
         assert row["chosen"] != row["rejected"]
         assert sentiment_task.oracle_score(row["chosen"]) == row["chosen_score"] > row["rejected_score"]

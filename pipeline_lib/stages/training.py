@@ -57,6 +57,7 @@ def trainer_args(stage: str, config: PipelineConfig, section: TrainSection, out_
         "per_device_train_batch_size": section.per_device_train_batch_size,
         "gradient_accumulation_steps": section.gradient_accumulation_steps,
         "warmup_steps": section.warmup_steps,
+        "lr_scheduler_type": section.lr_scheduler_type,
         "logging_steps": section.logging_steps,
         "save_strategy": "steps",
         "save_steps": section.save_steps,
