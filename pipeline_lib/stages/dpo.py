@@ -47,7 +47,8 @@ def policy_pairs(config: PipelineConfig, policy, tokenizer, data_dir: Path, out_
     """``dpo.pair_source: policy``: ``dpo.samples_per_prompt`` samples of the starting
     policy (SFT) per training prompt, ranked by the embedded task's oracle as data prep
     ranks the base model's (same margin; ``dpo.pairs_per_prompt`` pairs per prompt, widest
-    gap first), and the sampling stats. Both default to data prep's settings.
+    gap first), and the sampling stats. Both default to data prep's settings (resolved in
+    the config, so the stage key holds them).
 
     On-policy pairs: DPO's loss is computed on responses the policy it starts from would
     write, as in the DPO paper's sentiment experiment, not on the base model's.
@@ -62,13 +63,10 @@ def policy_pairs(config: PipelineConfig, policy, tokenizer, data_dir: Path, out_
         if is_main_process() and not path.exists():
             prompts = read_prompts(data_dir, "prompts_train")
             # Seeds seed and seed + 1 drew data prep's training and held-out samples.
-            section = config.dpo
-            data = config.data
-            if section.pairs_per_prompt is not None:
-                data = data.model_copy(update={"pairs_per_prompt": section.pairs_per_prompt})
+            data = config.data.model_copy(update={"pairs_per_prompt": config.dpo.pairs_per_prompt})
             pairs, _, stats = sentiment_task.sample_pairs(
                 policy, tokenizer, prompts, data, config.seed + 2, config.model.system_prompt,
-                section.samples_per_prompt or data.samples_per_prompt, phase="dpo",
+                config.dpo.samples_per_prompt, phase="dpo",
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")
