@@ -83,35 +83,48 @@ class InverseCdfSampler:
     vocabulary, a quarter of a decoding step of the 135M model. One uniform per row
     against the cumulative distribution draws from the same distribution in about 10 ms.
     The draws come from a generator of its own, so they are reproducible from ``seed``
-    whatever else used the global generator."""
+    whatever else used the global generator.
+
+    ``logprobs`` holds, step by step, each row's log-probability of the token it drew under
+    the distribution it drew from: at temperature 1 the policy's own log pi(token), which a
+    sampled KL needs and would otherwise spend a second forward pass on (``token_logprobs``).
+    """
 
     def __init__(self, temperature: float, seed: int):
         import torch
 
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
+        self.logprobs: list[torch.Tensor] = []  # one (rows,) tensor per decoding step
 
     def __call__(self, input_ids, scores):
         import torch
 
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        scaled = scores.float() / self.temperature
+        probs = torch.softmax(scaled, dim=-1)
         cumulative = probs.cumsum(dim=-1).cpu()
         draws = torch.rand(cumulative.shape[0], 1, generator=self.generator) * cumulative[:, -1:]
-        tokens = torch.searchsorted(cumulative, draws, right=True).clamp_(max=cumulative.shape[-1] - 1)
+        tokens = torch.searchsorted(cumulative, draws, right=True).clamp_(max=cumulative.shape[-1] - 1).to(scores.device)
+        self.logprobs.append((scaled.gather(1, tokens) - torch.logsumexp(scaled, dim=-1, keepdim=True)).squeeze(1))
         chosen = torch.full_like(scores, float("-inf"))
-        return chosen.scatter_(1, tokens.to(scores.device), 0.0)
+        return chosen.scatter_(1, tokens, 0.0)
 
 
-def _decode(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, copies: int, seed: int):
+def _decode(
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float, copies: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New token ids for ``copies`` continuations of each prompt (prompt-major), sampled at
     ``temperature`` from the full distribution (no top-k, top-p or repetition penalty),
-    greedy at 0. The prompt is encoded once into the KV cache, and a batch stops as soon
-    as every row has emitted EOS."""
+    greedy at 0, and when sampling each token's log-probability under the distribution it
+    was drawn from (``InverseCdfSampler.logprobs``, same shape; None when greedy). The prompt
+    is encoded once into the KV cache, and a batch stops as soon as every row has emitted EOS."""
+    import torch
     from transformers import LogitsProcessorList
 
     ids, mask = _left_pad(prompt_ids, tokenizer.pad_token_id)
     ids, mask = ids.to(model.device), mask.to(model.device)
-    processors = LogitsProcessorList([InverseCdfSampler(temperature, seed)] if temperature > 0 else [])
+    sampler = InverseCdfSampler(temperature, seed) if temperature > 0 else None
+    processors = LogitsProcessorList([sampler] if sampler else [])
     with _autocast_for(model):
         cache = None
         if copies > 1:
@@ -138,7 +151,7 @@ def _decode(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, 
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
         )
-    return output[:, ids.shape[1] :]
+    return output[:, ids.shape[1] :], torch.stack(sampler.logprobs, dim=1) if sampler else None
 
 
 def _by_length(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -168,7 +181,9 @@ def generate_responses(
     groups = _by_length(prompt_ids, batch_size)
     for start in progress.batches(len(prompts), batch_size, "generating"):
         batch = groups[start // batch_size]
-        generated = _decode(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, num_return_sequences, seed + start)
+        generated, _ = _decode(
+            model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, temperature, num_return_sequences, seed + start
+        )
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         for row, index in enumerate(batch):
             chunk = texts[row * num_return_sequences : (row + 1) * num_return_sequences]
@@ -215,27 +230,32 @@ def sample_response_ids(
     batch_size: int = 16,
     seed: int = 0,
     system_prompt: str | None = None,
-) -> list[tuple[list[int], list[int]]]:
+) -> tuple[list[tuple[list[int], list[int]]], list[float]]:
     """(prompt ids, response ids) for ``samples_per_prompt`` samples per prompt, prompt-major,
     drawn at temperature 1 from the full distribution (no top-k, top-p or repetition penalty),
-    so they are samples of the policy itself, as a KL estimate needs. A response keeps its
+    so they are samples of the policy itself, as a KL estimate needs, and each response's
+    log-probability under ``model`` (summed over its tokens, as ``token_logprobs`` scores
+    it, but read off the sampler instead of a second forward pass). A response keeps its
     EOS when it emitted one and stops at ``max_new_tokens`` otherwise; the token ids are
     kept as sampled, never decoded and re-tokenized. Seeded per batch, so a batch's samples
     do not depend on the batches before it."""
     model.eval()
     prompt_ids = [chat_prompt_ids(tokenizer, prompt, system_prompt) for prompt in prompts]
-    samples: list[list[tuple[list[int], list[int]]]] = [[] for _ in prompts]
+    samples: list[list[tuple[list[int], list[int], float]]] = [[] for _ in prompts]
     prompts_per_batch = max(1, batch_size // samples_per_prompt)
     groups = _by_length(prompt_ids, prompts_per_batch)
     for start in progress.batches(len(prompts), prompts_per_batch, "sampling"):
         batch = groups[start // prompts_per_batch]
-        generated = _decode(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, 1.0, samples_per_prompt, seed + start)
-        for row, response in enumerate(generated.tolist()):
+        generated, logprobs = _decode(
+            model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, 1.0, samples_per_prompt, seed + start
+        )
+        for row, (response, step_logprobs) in enumerate(zip(generated.tolist(), logprobs.float().tolist())):
             if tokenizer.eos_token_id in response:
                 response = response[: response.index(tokenizer.eos_token_id) + 1]
             index = batch[row // samples_per_prompt]
-            samples[index].append((prompt_ids[index], response))
-    return [pair for per_prompt in samples for pair in per_prompt]
+            samples[index].append((prompt_ids[index], response, sum(step_logprobs[: len(response)])))
+    flat = [sample for per_prompt in samples for sample in per_prompt]
+    return [(prompt, response) for prompt, response, _ in flat], [logprob for _, _, logprob in flat]
 
 
 @no_grad

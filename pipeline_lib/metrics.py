@@ -93,8 +93,9 @@ def policy_kl(
     responses sampled from ``policy`` at temperature 1; ``reference_logprobs(pairs)`` scores
     the same (prompt ids, response ids) under the reference. Evaluation's KL to SFT and
     DPO's KL guard both read this one estimate."""
-    from pipeline_lib.generation import sample_response_ids, token_logprobs
+    from pipeline_lib.generation import sample_response_ids
 
-    pairs = sample_response_ids(policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, seed, system_prompt)
-    policy_logprobs = token_logprobs(policy, pairs, tokenizer.pad_token_id, batch_size)
+    pairs, policy_logprobs = sample_response_ids(
+        policy, tokenizer, prompts, samples_per_prompt, max_new_tokens, batch_size, seed, system_prompt
+    )
     return sampled_kl(policy_logprobs, reference_logprobs(pairs), samples_per_prompt)

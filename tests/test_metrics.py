@@ -141,10 +141,14 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(ti
         for parameter in other.model.layers[-1].mlp.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.5)
     prompts = ["Review the movie 'A'.", "Review the novel 'B'.", "Review the hotel 'C'."]
-    pairs = sample_response_ids(policy, tokenizer, prompts, samples_per_prompt=4, max_new_tokens=8, batch_size=8, seed=0)
+    pairs, sampled_logprobs = sample_response_ids(policy, tokenizer, prompts, samples_per_prompt=4, max_new_tokens=8, batch_size=8, seed=0)
     assert len(pairs) == 12 and all(0 < len(answer) <= 8 for _, answer in pairs)
-    assert pairs == sample_response_ids(policy, tokenizer, prompts, samples_per_prompt=4, max_new_tokens=8, batch_size=8, seed=0)
+    assert (pairs, sampled_logprobs) == sample_response_ids(
+        policy, tokenizer, prompts, samples_per_prompt=4, max_new_tokens=8, batch_size=8, seed=0
+    )
     policy_logprobs = token_logprobs(policy, pairs, tokenizer.pad_token_id)
+    # The sampler's own log-probabilities are the policy's, as a forward pass scores the same tokens.
+    assert sampled_logprobs == pytest.approx(policy_logprobs, abs=1e-3)
     assert sampled_kl(policy_logprobs, token_logprobs(policy, pairs, tokenizer.pad_token_id), 4) == pytest.approx([0.0] * 3, abs=1e-4)
     to_other = sampled_kl(policy_logprobs, token_logprobs(other, pairs, tokenizer.pad_token_id), 4)
     assert sum(to_other) / len(to_other) > 0.1

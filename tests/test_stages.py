@@ -307,7 +307,9 @@ def test_sampled_kl_stop_measures_every_few_steps_and_keeps_the_last_policy_with
 
 def test_dpo_kl_guard_reads_zero_before_training_with_a_reference_copy_and_with_lora(tiny_pipeline: TinyPipeline) -> None:
     """The guard's reference is SFT: a frozen copy, or with LoRA the policy with its adapter
-    disabled. Before any update the policy is SFT, so the sampled KL is exactly 0 both ways."""
+    disabled. Before any update the policy is SFT, so the sampled KL is 0 both ways, to float
+    error: the policy's log-probabilities come from its sampler's KV-cached steps, the
+    reference's from one forward pass over the same tokens."""
     from pipeline_lib.stages import dpo
     from pipeline_lib.stages.training import load_policy_and_reference, prepare_model
 
@@ -323,7 +325,7 @@ def test_dpo_kl_guard_reads_zero_before_training_with_a_reference_copy_and_with_
         assert (reference is None) == (adapter == "lora")
         guard = dpo.kl_guard(config, policy, reference, tokenizer, rows)
         assert len(guard.prompts) == 4
-        assert guard.measure() == 0.0
+        assert guard.measure() == pytest.approx(0.0, abs=1e-3)
 
 
 def test_dpo_stops_early_on_kl_and_saves_the_policy_kept(
