@@ -56,7 +56,9 @@ sft: &small                   # the same small sizes for every training stage
 reward:
   <<: *small
   num_layers: 0               # the reward model keeps all of SFT's layers
-dpo: *small
+dpo:
+  <<: *small
+  max_kl: null                # no KL bound: the default preset's is sized for the embedded task
 ppo:
   <<: *small
   max_steps: -1               # PPO counts episodes, not steps

@@ -329,18 +329,21 @@ def test_dpo_kl_guard_reads_zero_before_training_with_a_reference_copy_and_with_
 
 
 def test_dpo_stops_early_on_kl_and_saves_the_policy_kept(
-    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Past the limit at its first measurement (step 1), DPO stops there and saves the policy
-    it started from, SFT's weights exactly."""
+    it started from, SFT's weights exactly, with a warning that names the setting."""
     from pipeline_lib.stages.dpo_kl import SampledKlStop
 
     monkeypatch.setattr(SampledKlStop, "measure", lambda self: 10.0)
     config = tiny_pipeline.config.model_copy(deep=True)
     config.dpo.max_kl, config.dpo.kl_check_steps = 1.0, 1
     inputs = {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}
-    metrics = registry.stage("dpo").run(config, inputs, tmp_path / "dpo")
+    with caplog.at_level("WARNING", logger="pipeline_lib.stages.training"):
+        metrics = registry.stage("dpo").run(config, inputs, tmp_path / "dpo")
     assert metrics["stopped_early_at_step"] == 1 and metrics["kept_step"] == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("first KL check" in message and "dpo.max_kl=1.0" in message for message in warnings)
     assert metrics["kl_checks"] == [{"step": 1, "kl": 10.0}]
     sft, trained = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
     assert sft.keys() == trained.keys() and all(torch.equal(sft[name], trained[name]) for name in sft)

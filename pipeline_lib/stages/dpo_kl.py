@@ -78,3 +78,12 @@ class SampledKlStop(transformers.TrainerCallback):
             "kl guard: stopped at step %d (%.2f nats past the limit %.2f); keeping the policy of step %d",
             state.global_step, kl, self.max_kl, self.kept_step,
         )
+        if len(self.checks) == 1:
+            # Nothing trained survives: say so loudly. The default preset's bound is sized for
+            # the embedded task, and a config layered over it inherits the bound.
+            logger.warning(
+                "dpo: the first KL check (step %d, %.2f nats) was already past dpo.max_kl=%s, so DPO saves the "
+                "policy it started from (step %d); raise dpo.max_kl, lower dpo.kl_check_steps, or set dpo.max_kl "
+                "to null to train without the bound",
+                state.global_step, kl, self.max_kl, self.kept_step,
+            )
