@@ -453,16 +453,16 @@ class PipelineConfig(Section):
         sampled = self.data.source.startswith("embedded:") and self.data.pair_source == "sample"
         if self.dpo.pair_source == "auto":
             self.dpo.pair_source = "policy" if sampled else "data"
-        # Data prep's sampling settings unless DPO names its own: the key holds the numbers used.
-        if self.dpo.samples_per_prompt is None:
-            self.dpo.samples_per_prompt = self.data.samples_per_prompt
-        if self.dpo.pairs_per_prompt is None:
-            self.dpo.pairs_per_prompt = self.data.pairs_per_prompt
         elif self.dpo.pair_source == "policy" and not self.data.source.startswith("embedded:"):
             raise ValueError(
                 f"dpo.pair_source 'policy' ranks SFT's samples with the embedded task's oracle; data.source "
                 f"{self.data.source!r} has none: use 'data' (its own pairs)"
             )
+        # Data prep's sampling settings unless DPO names its own: the key holds the numbers used.
+        if self.dpo.samples_per_prompt is None:
+            self.dpo.samples_per_prompt = self.data.samples_per_prompt
+        if self.dpo.pairs_per_prompt is None:
+            self.dpo.pairs_per_prompt = self.data.pairs_per_prompt
         return self
 
     @model_validator(mode="after")

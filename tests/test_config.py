@@ -290,3 +290,11 @@ def test_preset_cannot_be_set_inside_a_config(tmp_path: Path, where: str):
             load_config("default", config_file=path, env_file=None)
         else:
             load_config("default", overrides=["preset=tiny"], env_file=None)
+
+
+def test_dpo_policy_pairs_on_a_users_own_data_are_rejected_whatever_else_dpo_sets() -> None:
+    """'policy' pairs need the embedded task's oracle: on a user's own file the config names
+    dpo.pair_source, with DPO's sampling settings left to their defaults or set."""
+    for extra in ([], ["dpo.pairs_per_prompt=2"], ["dpo.samples_per_prompt=6"]):
+        with pytest.raises(ConfigError, match=r"dpo\.pair_source 'policy'.*has none: use 'data'"):
+            load_config(overrides=["data.source=./my-pairs.jsonl", "dpo.pair_source=policy", *extra], env_file=None)
