@@ -218,11 +218,20 @@ class DPOSection(TrainSection):
         gt=0,
         description="Early stopping on KL: every kl_check_steps steps, sample one response per training prompt "
         "(the first kl_check_prompts) from the policy and estimate KL(policy || SFT) as evaluation does; the first "
-        "time it is past this, training stops and keeps the last policy measured within it. None: never measure.",
+        "time it is past this, training stops and goes back towards the last policy measured within it (kl_check_probes). "
+        "None: never measure.",
     )
     kl_check_steps: int = Field(5, ge=1, description="Optimizer steps between KL measurements (with max_kl).")
     kl_check_prompts: int = Field(32, ge=1, description="Training prompts sampled per KL measurement (with max_kl).")
     kl_check_tokens: int = Field(24, ge=1, le=1024, description="Tokens sampled per response in a KL measurement (with max_kl).")
+    kl_check_probes: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="With max_kl, once a check is past it: KL measurements on the straight line (in the trained weights) "
+        "from the last policy within to the one past it; DPO keeps the furthest point measured within. 0: keep the "
+        "last policy within.",
+    )
 
 
 class PPOSection(TrainSection):

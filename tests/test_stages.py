@@ -305,6 +305,36 @@ def test_sampled_kl_stop_measures_every_few_steps_and_keeps_the_last_policy_with
     assert guard.stopped_at_step == 6 and guard.kept_step == 4 and policy.weight.item() == 4.0
 
 
+def test_sampled_kl_stop_keeps_the_furthest_point_within_on_the_line_to_the_policy_past_the_limit() -> None:
+    """Past the limit, the guard's probes measure points on the straight line from the last
+    policy within to the one past, and keep the furthest within, not the last check's. Here
+    the KL grows as w**2 / 10 in the one weight w, which is the step: 1.6 at step 4, 3.6 at
+    step 6, limit 3.0 (reached at w = 5.477)."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.stages.dpo_kl import SampledKlStop
+
+    policy = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        policy.weight.fill_(0.0)
+    guard = SampledKlStop(policy, None, None, ["p"], max_kl=3.0, every_steps=2, max_new_tokens=4, seed=0, probes=2)
+    guard.measure = lambda: policy.weight.item() ** 2 / 10
+    state, control = SimpleNamespace(global_step=0, max_steps=9), SimpleNamespace(should_training_stop=False)
+    guard.on_train_begin(None, state, control)
+    for step in range(1, 10):
+        state.global_step = step
+        with torch.no_grad():
+            policy.weight.fill_(float(step))
+        guard.on_step_end(None, state, control)
+        if control.should_training_stop:
+            break
+    assert guard.stopped_at_step == 6 and guard.kept_step == 4
+    assert [(check["step"], "fraction" in check) for check in guard.checks] == [(2, False), (4, False), (6, False), (6, True), (6, True)]
+    kept = policy.weight.item()
+    assert 5.4 <= kept <= 5.4773 and kept ** 2 / 10 <= 3.0  # past step 4's 4.0, within the limit
+    assert guard.kept_fraction == pytest.approx((kept - 4.0) / 2.0, abs=1e-6)
+
+
 def test_dpo_kl_guard_reads_zero_before_training_with_a_reference_copy_and_with_lora(tiny_pipeline: TinyPipeline) -> None:
     """The guard's reference is SFT: a frozen copy, or with LoRA the policy with its adapter
     disabled. Before any update the policy is SFT, so the sampled KL is 0 both ways, to float
@@ -344,9 +374,33 @@ def test_dpo_stops_early_on_kl_and_saves_the_policy_kept(
     assert metrics["stopped_early_at_step"] == 1 and metrics["kept_step"] == 0
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
     assert any("first KL check" in message and "dpo.max_kl=1.0" in message for message in warnings)
-    assert metrics["kl_checks"] == [{"step": 1, "kl": 10.0}]
+    # the check, then the default two probes towards step 1's policy, both past the limit too
+    assert [(check["step"], check["kl"]) for check in metrics["kl_checks"]] == [(1, 10.0)] * 3
+    assert metrics["kept_fraction"] == 0.0
     sft, trained = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
     assert sft.keys() == trained.keys() and all(torch.equal(sft[name], trained[name]) for name in sft)
+
+
+def test_dpo_past_the_limit_at_its_first_check_keeps_a_point_on_the_way_when_one_is_within(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same first check past the limit, but the first probe (a tenth of the way from SFT
+    to step 1's policy: the chord from 0 to 10 nats reaches the limit of 1 there) is within:
+    DPO saves that point, which is neither SFT nor step 1's policy."""
+    from pipeline_lib.stages.dpo_kl import SampledKlStop
+
+    measured = iter([10.0, 0.5, 10.0])
+    monkeypatch.setattr(SampledKlStop, "measure", lambda self: next(measured))
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.dpo.max_kl, config.dpo.kl_check_steps = 1.0, 1
+    inputs = {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}
+    metrics = registry.stage("dpo").run(config, inputs, tmp_path / "dpo")
+    assert metrics["stopped_early_at_step"] == 1 and metrics["kept_step"] == 0
+    assert metrics["kl_checks"] == [{"step": 1, "kl": 10.0}, {"step": 1, "fraction": 0.1, "kl": 0.5},
+                                    {"step": 1, "fraction": 0.19, "kl": 10.0}]
+    assert metrics["kept_fraction"] == pytest.approx(0.1)
+    sft, trained = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "dpo" / "model.safetensors")
+    assert sft.keys() == trained.keys() and any(not torch.equal(sft[name], trained[name]) for name in sft)
 
 
 def test_dpo_on_policy_pairs_are_sft_samples_ranked_by_the_oracle_and_reused_on_resume(

@@ -33,10 +33,13 @@ def trainable_snapshot(model) -> dict:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
 
 
-def restore_snapshot(model, snapshot: dict) -> None:
+def restore_snapshot(model, snapshot: dict, toward: dict | None = None, fraction: float = 0.0) -> None:
+    """Put ``snapshot``'s parameters back; with ``toward``, the point ``fraction`` of the way
+    along the straight line from ``snapshot`` to ``toward`` (0: ``snapshot`` exactly)."""
     import torch
 
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name in snapshot:
-                parameter.copy_(snapshot[name])
+                start = snapshot[name]
+                parameter.copy_(start if toward is None or fraction == 0 else torch.lerp(start, toward[name], fraction))

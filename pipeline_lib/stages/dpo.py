@@ -99,7 +99,7 @@ def kl_guard(config: PipelineConfig, policy, reference, tokenizer, rows: list[di
     prompts = list(dict.fromkeys(row["prompt"] for row in rows))[: section.kl_check_prompts]
     return SampledKlStop(
         policy, reference_logprobs, tokenizer, prompts, section.max_kl, section.kl_check_steps,
-        section.kl_check_tokens, config.seed, config.model.system_prompt, batch_size,
+        section.kl_check_tokens, config.seed, config.model.system_prompt, batch_size, section.kl_check_probes,
     )
 
 
@@ -164,6 +164,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "kl_checks": guard.checks if guard else None,
         "stopped_early_at_step": guard.stopped_at_step if guard else None,
         "kept_step": guard.kept_step if guard and guard.stopped_at_step else None,
+        "kept_fraction": guard.kept_fraction if guard and guard.stopped_at_step else None,
         "logged_losses": len(history),
         "resumed_from_checkpoint": train_metrics["resumed_from_checkpoint"],
         "tracking_run_id": training.tracking.finish(),
