@@ -277,13 +277,26 @@ def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(ti
     assert sft.keys() == ppo.keys() and all(torch.equal(sft[name], ppo[name]) for name in sft)
 
 
+def train_one_weight(guard, policy: torch.nn.Linear, max_steps: int = 9) -> None:
+    """Drive ``guard`` as a trainer would, with the policy's one weight set to the step."""
+    from types import SimpleNamespace
+
+    state, control = SimpleNamespace(global_step=0, max_steps=max_steps), SimpleNamespace(should_training_stop=False)
+    guard.on_train_begin(None, state, control)
+    for step in range(1, max_steps + 1):
+        state.global_step = step
+        with torch.no_grad():
+            policy.weight.fill_(float(step))
+        guard.on_step_end(None, state, control)
+        if control.should_training_stop:
+            break
+
+
 def test_sampled_kl_stop_measures_every_few_steps_and_keeps_the_last_policy_within_the_limit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """DPO's guard measures at every ``every_steps``-th step and the last; the first
     measurement past ``max_kl`` puts back the policy of the last one within, and stops."""
-    from types import SimpleNamespace
-
     from pipeline_lib.stages.dpo_kl import SampledKlStop
 
     policy = torch.nn.Linear(1, 1, bias=False)
@@ -292,15 +305,7 @@ def test_sampled_kl_stop_measures_every_few_steps_and_keeps_the_last_policy_with
     guard = SampledKlStop(policy, None, None, ["p"], max_kl=3.0, every_steps=2, max_new_tokens=4, seed=0)
     measured = iter([1.0, 2.5, 3.5])
     monkeypatch.setattr(guard, "measure", lambda: next(measured))
-    state, control = SimpleNamespace(global_step=0, max_steps=9), SimpleNamespace(should_training_stop=False)
-    guard.on_train_begin(None, state, control)
-    for step in range(1, 10):
-        state.global_step = step
-        with torch.no_grad():
-            policy.weight.fill_(float(step))
-        guard.on_step_end(None, state, control)
-        if control.should_training_stop:
-            break
+    train_one_weight(guard, policy)
     assert [check["step"] for check in guard.checks] == [2, 4, 6]
     assert guard.stopped_at_step == 6 and guard.kept_step == 4 and policy.weight.item() == 4.0
 
@@ -310,8 +315,6 @@ def test_sampled_kl_stop_keeps_the_furthest_point_within_on_the_line_to_the_poli
     policy within to the one past, and keep the furthest within, not the last check's. Here
     the KL grows as w**2 / 10 in the one weight w, which is the step: 1.6 at step 4, 3.6 at
     step 6, limit 3.0 (reached at w = 5.477)."""
-    from types import SimpleNamespace
-
     from pipeline_lib.stages.dpo_kl import SampledKlStop
 
     policy = torch.nn.Linear(1, 1, bias=False)
@@ -319,15 +322,7 @@ def test_sampled_kl_stop_keeps_the_furthest_point_within_on_the_line_to_the_poli
         policy.weight.fill_(0.0)
     guard = SampledKlStop(policy, None, None, ["p"], max_kl=3.0, every_steps=2, max_new_tokens=4, seed=0, probes=2)
     guard.measure = lambda: policy.weight.item() ** 2 / 10
-    state, control = SimpleNamespace(global_step=0, max_steps=9), SimpleNamespace(should_training_stop=False)
-    guard.on_train_begin(None, state, control)
-    for step in range(1, 10):
-        state.global_step = step
-        with torch.no_grad():
-            policy.weight.fill_(float(step))
-        guard.on_step_end(None, state, control)
-        if control.should_training_stop:
-            break
+    train_one_weight(guard, policy)
     assert guard.stopped_at_step == 6 and guard.kept_step == 4
     assert [(check["step"], "fraction" in check) for check in guard.checks] == [(2, False), (4, False), (6, False), (6, True), (6, True)]
     kept = policy.weight.item()
