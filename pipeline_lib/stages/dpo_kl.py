@@ -102,11 +102,10 @@ class SampledKlStop(transformers.TrainerCallback):
                 state.global_step, kl, self.max_kl, self.kept_step,
             )
         else:
-            logger.info(
-                "kl guard: stopped at step %d (%.2f nats, past the limit %.2f); keeping the policy %.0f%% of the way "
-                "from step %d's to step %d's (%.2f nats)", state.global_step, kl, self.max_kl, 100 * self.kept_fraction,
-                self.kept_step, state.global_step, kept_kl,
-            )
+            kept = (f"{100 * self.kept_fraction:.0f}% of the way from step {self.kept_step}'s to step {state.global_step}'s"
+                    if self.kept_fraction else f"of step {self.kept_step}")
+            logger.info("kl guard: stopped at step %d (%.2f nats, past the limit %.2f); keeping the policy %s (%.2f nats)",
+                        state.global_step, kl, self.max_kl, kept, kept_kl)
 
     def search_line(self, step: int, kl: float) -> tuple[float, float]:
         """Leave the policy at the furthest point found within ``max_kl`` on the line from the
