@@ -28,11 +28,11 @@ class SampledKlStop(transformers.TrainerCallback):
     two of five seeds were past the bound at their first check (4.09 and 4.38 nats against
     3.5) and DPO saved SFT unchanged. Points on the line between two checkpoints of one
     run are policies too (weight interpolation, as WiSE-FT and ExPO use between a fine-tuned
-    model and its start), and their KL grows smoothly along it. Each probe is placed where a
-    straight line through the two nearest measurements reaches ``max_kl`` (regula falsi,
-    kept 10% away from either end), and only a point measured within is kept. On the GPU's
-    two seeds, two probes (~1 s each there, ~20 s on one CPU core) kept the points 77% and
-    80% of the way from SFT to step 16 (3.31 and 3.09 nats).
+    model and its start), and their KL grows along it, give or take the check's noise. Each
+    probe is placed where a straight line through the two nearest measurements reaches
+    ``max_kl`` (regula falsi, kept 10% away from either end), and only a point measured
+    within is kept. On the GPU's two seeds, two probes (~1 s each there, 12-14 s on one CPU
+    core) kept the points 77% and 80% of the way from SFT to step 16 (3.31 and 3.09 nats).
 
     Why: how far DPO moves in a fixed number of epochs depends on the data (on the embedded
     task the same settings took six draws of data 1.6 to 4.4 nats from SFT, and 192 prompts
