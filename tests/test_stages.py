@@ -381,7 +381,7 @@ def test_dpo_past_the_limit_at_its_first_check_keeps_a_point_on_the_way_when_one
 ) -> None:
     """The same first check past the limit, but the first probe (a tenth of the way from SFT
     to step 1's policy: the chord from 0 to 10 nats reaches the limit of 1 there) is within:
-    DPO saves that point, which is neither SFT nor step 1's policy."""
+    DPO saves that point, not SFT's weights."""
     from pipeline_lib.stages.dpo_kl import SampledKlStop
 
     measured = iter([10.0, 0.5, 10.0])

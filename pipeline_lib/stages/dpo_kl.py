@@ -90,9 +90,9 @@ class SampledKlStop(transformers.TrainerCallback):
             return
         self.stopped_at_step = state.global_step
         control.should_training_stop = True
+        first_check = len(self.checks) == 1  # before the probes add theirs
         self.kept_fraction, kept_kl = self.search_line(state.global_step, kl)
-        measured_checks = [check for check in self.checks if "fraction" not in check]
-        if self.kept_fraction == 0 and len(measured_checks) == 1:
+        if self.kept_fraction == 0 and first_check:
             # Nothing trained survives: say so loudly. The default preset's bound is sized for
             # the embedded task, and a config layered over it inherits the bound.
             logger.warning(
@@ -110,6 +110,9 @@ class SampledKlStop(transformers.TrainerCallback):
     def search_line(self, step: int, kl: float) -> tuple[float, float]:
         """Leave the policy at the furthest point found within ``max_kl`` on the line from the
         last policy within (fraction 0) to the current one (fraction 1); its fraction and KL."""
+        if not self.probes:  # no line to search: no copy of the policy past the limit either
+            restore_snapshot(self.policy, self.within)
+            return 0.0, self.within_kl
         past = trainable_snapshot(self.policy)
         (low, low_kl), (high, high_kl) = (0.0, self.within_kl), (1.0, kl)
         for _ in range(self.probes):
