@@ -398,6 +398,62 @@ def test_dpo_past_the_limit_at_its_first_check_keeps_a_point_on_the_way_when_one
     assert sft.keys() == trained.keys() and any(not torch.equal(sft[name], trained[name]) for name in sft)
 
 
+def test_dpo_resumed_between_kl_checks_goes_back_where_the_uninterrupted_run_does(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks at steps 3 and 4, checkpoints at 2 and 4, the limit passed at step 3. A run
+    killed during step 3 resumes from checkpoint-2, which no check measured: it must still
+    search the line from SFT (the last policy within), as the run never killed does, not
+    take checkpoint-2 for a policy within. The guard's stand-in for the sampled KL is the
+    squared distance of the trained weights from SFT's, which grows as DPO moves."""
+    from pipeline_lib.stages.dpo_kl import SampledKlStop
+
+    sft_weights = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors")
+    scale = 1.0
+
+    def distance(self) -> float:
+        trained = [(name, p) for name, p in self.policy.named_parameters() if p.requires_grad]
+        return scale * sum(float((p.detach() - sft_weights[name]).double().pow(2).sum()) for name, p in trained)
+
+    monkeypatch.setattr(SampledKlStop, "measure", distance)
+    inputs = {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}
+
+    def run_dpo(out_dir: Path, max_kl: float) -> dict:
+        config = tiny_pipeline.config.model_copy(deep=True)
+        config.dpo.max_kl, config.dpo.kl_check_steps = max_kl, 3
+        assert (config.dpo.max_steps, config.dpo.save_steps) == (4, 2)
+        return registry.stage("dpo").run(config, inputs, out_dir)
+
+    seen = run_dpo(tmp_path / "unbounded", 1e9)["kl_checks"]
+    assert [check["step"] for check in seen] == [3, 4] and seen[0]["kl"] > 0
+    scale = 10.0 / seen[0]["kl"]  # step 3 now reads 10 nats; the limit is 5
+    uninterrupted = run_dpo(tmp_path / "uninterrupted", 5.0)
+    assert uninterrupted["stopped_early_at_step"] == 3 and uninterrupted["kept_step"] == 0
+    assert 0 < uninterrupted["kept_fraction"] < 1
+
+    train_resumable = training.train_resumable
+
+    def crashing(stage, trainer, out_dir, resume=True):
+        trainer.add_callback(CrashAfterStep(2, RuntimeError("simulated interruption")))
+        return train_resumable(stage, trainer, out_dir, resume)
+
+    monkeypatch.setattr(training, "train_resumable", crashing)
+    with pytest.raises(training.StageFailed, match="simulated interruption"):
+        run_dpo(tmp_path / "resumed", 5.0)
+    assert training.latest_checkpoint(tmp_path / "resumed").endswith("checkpoint-2")
+    monkeypatch.setattr(training, "train_resumable", train_resumable)
+    resumed = run_dpo(tmp_path / "resumed", 5.0)
+
+    assert resumed["resumed_from_checkpoint"] is True
+    assert (resumed["stopped_early_at_step"], resumed["kept_step"]) == (3, 0)
+    assert resumed["kept_fraction"] == pytest.approx(uninterrupted["kept_fraction"], abs=1e-3)
+    assert [check["step"] for check in resumed["kl_checks"]] == [check["step"] for check in uninterrupted["kl_checks"]]
+    kept, expected = load_file(tmp_path / "resumed" / "model.safetensors"), load_file(tmp_path / "uninterrupted" / "model.safetensors")
+    assert kept.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(kept[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+
 def test_dpo_on_policy_pairs_are_sft_samples_ranked_by_the_oracle_and_reused_on_resume(
     tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

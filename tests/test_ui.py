@@ -33,6 +33,7 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = REPO / "test-artifacts" / "ui"
 RUN_TIMEOUT_S = 600
+NOTICE_TIMEOUT_MS = 30_000
 FLOW_RUN_URL = re.compile(r"/runs/flow-run/([0-9a-f-]{36})")
 
 
@@ -75,20 +76,49 @@ class Screenshots:
         self.paths.append(str(path.relative_to(REPO)))
 
 
-def quick_run(page, deployment_url: str, shots: Screenshots, name: str) -> tuple[str, float]:
+def deployment_run_ids(served) -> set[str]:
+    """The ids of the served deployment's flow runs that someone asked for (not those its
+    schedule creates ahead of time), as the server has them now."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deployment_id = served.deployment().id
+    with served.server.client() as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return {str(run.id) for run in runs if not run.auto_scheduled}
+
+
+def quick_run(page, served, shots: Screenshots, name: str) -> tuple[str, float]:
     """Click Run > Quick run on the deployment page, follow the toast to the run and wait
     for its Completed badge; returns the flow run id and seconds from the click."""
-    page.goto(deployment_url)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    before = deployment_run_ids(served)
+    page.goto(f"{served.server.url}/deployments/deployment/{served.deployment().id}")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Quick run", exact=True).click()
     clicked = time.monotonic()
     # The UI mounts its toast container twice; the top copy is the last one.
     view_run = page.locator("button.toast-flow-run-create__button", has_text="View run").last
-    view_run.hover()  # waits until the notice has slid in
-    shots.take(page, f"{name}-scheduled")
-    view_run.click()
-    page.wait_for_url(FLOW_RUN_URL)
-    flow_run_id = FLOW_RUN_URL.search(page.url).group(1)
+    try:
+        view_run.hover(timeout=NOTICE_TIMEOUT_MS)  # waits until the notice has slid in
+        shots.take(page, f"{name}-scheduled")
+        view_run.click()
+        page.wait_for_url(FLOW_RUN_URL)
+        flow_run_id = FLOW_RUN_URL.search(page.url).group(1)
+    except PlaywrightTimeoutError:
+        # On a busy 2-core machine the notice once never showed within the wait, for a
+        # reason that failure did not record; this screenshot records it. What the test is
+        # about is the run the click created: find it on the server and open its page, as
+        # the notice's button would.
+        shots.take(page, f"{name}-no-notice", full_page=True)
+        deadline = time.monotonic() + 60
+        while not (created := deployment_run_ids(served) - before) and time.monotonic() < deadline:
+            time.sleep(1)
+        if len(created) != 1:
+            pytest.fail(f"Quick run showed no 'View run' notice and created {len(created)} flow runs; see {shots.paths[-1]}")
+        flow_run_id = created.pop()
+        print(f"no 'View run' notice after Quick run (see {shots.paths[-1]}); opening the flow run it created, {flow_run_id}")
+        page.goto(f"{served.server.url}/runs/flow-run/{flow_run_id}")
     # The page refreshes the run's state by itself: wait for the badge, no reloads.
     badge = page.locator(".state-badge").first
     while True:
@@ -131,7 +161,7 @@ def test_quick_run_from_the_ui(retrain_service, page):
 
     # Quick run: the saved parameters. Fresh when this file runs alone; after
     # test_deployments the data is unchanged and every stage comes back Cached.
-    flow_run_id, seconds = quick_run(page, deployment_url, shots, "quick-run")
+    flow_run_id, seconds = quick_run(page, retrain_service, shots, "quick-run")
     states = task_states(retrain_service, flow_run_id)
     assert set(states) == set(STAGES) and set(states.values()) <= {"Completed", "Cached"}, states
     kind = "cached" if set(states.values()) == {"Cached"} else "fresh" if "Cached" not in states.values() else "partly cached"

@@ -3,13 +3,17 @@ the DPO stage's module imports without torch and only DPO's stage key reads it."
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from pipeline_lib.stages.callbacks import restore_snapshot, trainable_snapshot
 
 logger = logging.getLogger("pipeline_lib.stages.training")
+GUARD_STATE, GUARD_WITHIN = "kl_guard.json", "kl_guard_within.safetensors"  # beside each trainer checkpoint
 
 
 class SampledKlStop(transformers.TrainerCallback):
@@ -47,6 +51,12 @@ class SampledKlStop(transformers.TrainerCallback):
     (DDP) every rank holds the same weights and measures the same KL, so all stop at the
     same step; under engines that shard the weights (ZeRO-3, FSDP) sampling would need
     them gathered first, which this does not do.
+
+    Resuming: every trainer checkpoint also gets the guard's measurements and the weights of
+    the last policy within, so a run resumed from a checkpoint between two checks stops and
+    goes back exactly where the uninterrupted run would (from the last policy measured
+    within, not from the unmeasured checkpoint). No checkpoint is written once the guard has
+    stopped training, so none resumes past a stop.
     """
 
     def __init__(self, policy, reference_logprobs, tokenizer, prompts: list[str], max_kl: float, every_steps: int,
@@ -56,7 +66,7 @@ class SampledKlStop(transformers.TrainerCallback):
         self.prompts, self.max_kl, self.every_steps, self.probes = prompts, max_kl, every_steps, probes
         self.max_new_tokens, self.seed, self.system_prompt, self.batch_size = max_new_tokens, seed, system_prompt, batch_size
         self.within: dict | None = None  # the last policy measured within the limit
-        self.within_kl = 0.0  # its KL: 0 for the reference itself (a resumed run's start is not measured)
+        self.within_kl = 0.0  # its KL: 0 for the reference itself
         self.checks: list[dict[str, float]] = []  # every measurement: step, KL, and a probe's fraction
         self.stopped_at_step: int | None = None
         self.kept_step = 0
@@ -76,8 +86,41 @@ class SampledKlStop(transformers.TrainerCallback):
         return kl
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.within = trainable_snapshot(self.policy)  # the reference itself, or where a resumed run starts
+        self.within = trainable_snapshot(self.policy)  # the reference itself
         self.kept_step = state.global_step
+        if state.global_step:
+            self.resume(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        # Why by hand: transformers' ExportableState keeps a callback's JSON-able fields in
+        # trainer_state.json and rebuilds the callback from them, which a guard holding the
+        # policy, its tokenizer and the last policy within (weights) cannot be.
+        from safetensors.torch import save_file
+
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in self.within.items()}, folder / GUARD_WITHIN)
+        (folder / GUARD_STATE).write_text(json.dumps(
+            {"checks": self.checks, "within_kl": self.within_kl, "kept_step": self.kept_step}, indent=2))
+
+    def resume(self, checkpoint: Path) -> None:
+        """Pick up the measurements and the last policy within that ``checkpoint`` holds."""
+        from safetensors.torch import load_file
+
+        if not (checkpoint / GUARD_STATE).is_file() or not (checkpoint / GUARD_WITHIN).is_file():
+            # A checkpoint from before the guard saved its state: its step was never measured.
+            self.within_kl = self.measure()
+            self.checks.append({"step": self.kept_step, "kl": round(self.within_kl, 4)})
+            logger.warning("kl guard: %s holds no guard state; its policy, %.2f nats from the reference, is taken as "
+                           "the last one within", checkpoint.name, self.within_kl)
+            return
+        saved = json.loads((checkpoint / GUARD_STATE).read_text())
+        self.checks, self.within_kl, self.kept_step = saved["checks"], saved["within_kl"], saved["kept_step"]
+        weights = load_file(checkpoint / GUARD_WITHIN)
+        self.within = {name: weights[name].to(device=now.device, dtype=now.dtype) for name, now in self.within.items()}
+        logger.info("kl guard: resumed from %s with %d measurements; the last policy within is step %d's (%.2f nats)",
+                    checkpoint.name, len(self.checks), self.kept_step, self.within_kl)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every_steps and state.global_step < state.max_steps:
@@ -90,6 +133,7 @@ class SampledKlStop(transformers.TrainerCallback):
             return
         self.stopped_at_step = state.global_step
         control.should_training_stop = True
+        control.should_save = False  # the stage saves the policy kept; a checkpoint would only resume past the stop
         first_check = len(self.checks) == 1  # before the probes add theirs
         self.kept_fraction, kept_kl = self.search_line(state.global_step, kl)
         if self.kept_fraction == 0 and first_check:
