@@ -76,12 +76,11 @@ class Screenshots:
         self.paths.append(str(path.relative_to(REPO)))
 
 
-def deployment_run_ids(served) -> set[str]:
-    """The ids of the served deployment's flow runs that someone asked for (not those its
-    schedule creates ahead of time), as the server has them now."""
+def deployment_run_ids(served, deployment_id) -> set[str]:
+    """The ids of the deployment's flow runs that someone asked for (not those its schedule
+    creates ahead of time), as the server has them now."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    deployment_id = served.deployment().id
     with served.server.client() as client:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
     return {str(run.id) for run in runs if not run.auto_scheduled}
@@ -92,8 +91,9 @@ def quick_run(page, served, shots: Screenshots, name: str) -> tuple[str, float]:
     for its Completed badge; returns the flow run id and seconds from the click."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-    before = deployment_run_ids(served)
-    page.goto(f"{served.server.url}/deployments/deployment/{served.deployment().id}")
+    deployment_id = served.deployment().id
+    before = deployment_run_ids(served, deployment_id)
+    page.goto(f"{served.server.url}/deployments/deployment/{deployment_id}")
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Quick run", exact=True).click()
     clicked = time.monotonic()
@@ -112,7 +112,7 @@ def quick_run(page, served, shots: Screenshots, name: str) -> tuple[str, float]:
         # the notice's button would.
         shots.take(page, f"{name}-no-notice", full_page=True)
         deadline = time.monotonic() + 60
-        while not (created := deployment_run_ids(served) - before) and time.monotonic() < deadline:
+        while not (created := deployment_run_ids(served, deployment_id) - before) and time.monotonic() < deadline:
             time.sleep(1)
         if len(created) != 1:
             pytest.fail(f"Quick run showed no 'View run' notice and created {len(created)} flow runs; see {shots.paths[-1]}")

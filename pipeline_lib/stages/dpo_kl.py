@@ -16,6 +16,11 @@ logger = logging.getLogger("pipeline_lib.stages.training")
 GUARD_STATE, GUARD_WITHIN = "kl_guard.json", "kl_guard_within.safetensors"  # beside each trainer checkpoint
 
 
+def checkpoint_folder(args, state) -> Path:
+    """The trainer's checkpoint of the current step, named as transformers names it."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
 class SampledKlStop(transformers.TrainerCallback):
     """Early stopping on KL for a trainer that never samples (DPO): every ``every_steps``
     optimizer steps, sample one response per prompt from the policy at temperature 1 and
@@ -89,7 +94,7 @@ class SampledKlStop(transformers.TrainerCallback):
         self.within = trainable_snapshot(self.policy)  # the reference itself
         self.kept_step = state.global_step
         if state.global_step:
-            self.resume(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.resume(checkpoint_folder(args, state))
 
     def on_save(self, args, state, control, **kwargs):
         # Why by hand: transformers' ExportableState keeps a callback's JSON-able fields in
@@ -99,22 +104,17 @@ class SampledKlStop(transformers.TrainerCallback):
 
         if not state.is_world_process_zero:
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = checkpoint_folder(args, state)
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in self.within.items()}, folder / GUARD_WITHIN)
         (folder / GUARD_STATE).write_text(json.dumps(
             {"checks": self.checks, "within_kl": self.within_kl, "kept_step": self.kept_step}, indent=2))
 
     def resume(self, checkpoint: Path) -> None:
-        """Pick up the measurements and the last policy within that ``checkpoint`` holds."""
+        """Pick up the measurements and the last policy within that ``checkpoint`` holds. Every
+        checkpoint this code resumes has them: this module is in DPO's stage key, so a
+        checkpoint written by the code before it belongs to another stage key's work folder."""
         from safetensors.torch import load_file
 
-        if not (checkpoint / GUARD_STATE).is_file() or not (checkpoint / GUARD_WITHIN).is_file():
-            # A checkpoint from before the guard saved its state: its step was never measured.
-            self.within_kl = self.measure()
-            self.checks.append({"step": self.kept_step, "kl": round(self.within_kl, 4)})
-            logger.warning("kl guard: %s holds no guard state; its policy, %.2f nats from the reference, is taken as "
-                           "the last one within", checkpoint.name, self.within_kl)
-            return
         saved = json.loads((checkpoint / GUARD_STATE).read_text())
         self.checks, self.within_kl, self.kept_step = saved["checks"], saved["within_kl"], saved["kept_step"]
         weights = load_file(checkpoint / GUARD_WITHIN)
