@@ -75,25 +75,24 @@ def frontier_points(records: list[dict]) -> list[dict]:
     """One point per swept run, after base and SFT (read from the first run: every run
     evaluates the same base and SFT with the same seed, so their figures are the same)."""
     first = records[0]["evaluation"]["policies"]
-    sft_distinct = first["sft"].get("distinct_2") or None
-    points = [point(name, first[name], sft_distinct) for name in ("base", "sft")]
+    points = [point(name, first[name]) for name in ("base", "sft")]
     for record in records:
         method = record["method"]
         _, marker, color = SWEEPS[method]
         row = record["evaluation"]["policies"][method]
-        points.append({**point(f"{method} {record['setting']}={record['value']:g}", row, sft_distinct), "method": method,
+        points.append({**point(f"{method} {record['setting']}={record['value']:g}", row), "method": method,
                        "value": record["value"], "marker": marker, "color": color, "wall_seconds": record["wall_seconds"],
                        "stage_seconds": record["stages"].get(method, {}).get("seconds"),
                        "evaluate_seconds": record["stages"].get("evaluate", {}).get("seconds")})
     return points
 
 
-def point(name: str, row: dict, sft_distinct: float | None = None) -> dict:
+def point(name: str, row: dict) -> dict:
     """A policy's figures; ``distinct_2_ratio`` is its distinct-2 over SFT's (a collapse onto
     few openings shows there before the oracle notices)."""
-    distinct = row.get("distinct_2")
     return {
-        "distinct_2_ratio": distinct / sft_distinct if distinct is not None and sft_distinct else None,
+        "distinct_2_ratio": row["distinct_2_ratio_to_sft"],
+        "distinct_2_ratio_ci95": row["distinct_2_ratio_to_sft_ci95"],
         "name": name,
         "oracle": row["oracle_mean"],
         "oracle_gain": row["oracle_gain_vs_sft"],
@@ -112,13 +111,13 @@ def print_table(points: list[dict], evaluation: dict) -> None:
         return f"{value:{sign}.3f} [{interval[0]:{sign}.3f}, {interval[1]:{sign}.3f}]" if interval else f"{value:{sign}.3f}"
 
     print(f"\n{'point':<22}{'oracle':>8}{'oracle gain vs SFT':>28}{'win rate vs SFT':>28}{'sampled KL to SFT':>28}"
-          f"{'distinct-2/SFT':>15}{'stage s':>9}{'eval s':>8}{'wall s':>8}")
+          f"{'distinct-2/SFT':>28}{'stage s':>9}{'eval s':>8}{'wall s':>8}")
     for p in points:
         seconds = "".join(f"{p.get(key):>{width}.0f}" if p.get(key) is not None else f"{'':>{width}}"
                           for key, width in (("stage_seconds", 9), ("evaluate_seconds", 8), ("wall_seconds", 8)))
         print(f"{p['name']:<22}{p['oracle']:>8.3f}{with_interval(p['oracle_gain'], p['oracle_gain_ci95']):>28}"
               f"{with_interval(p['win_rate'], p['win_rate_ci95'], sign='-'):>28}{with_interval(p['kl'], p['kl_ci95']):>28}"
-              f"{with_interval(p['distinct_2_ratio'], None, sign='-'):>15}{seconds}")
+              f"{with_interval(p['distinct_2_ratio'], p['distinct_2_ratio_ci95'], sign='-'):>28}{seconds}")
     intervals, kl = evaluation.get("intervals") or {}, evaluation.get("sampled_kl") or {}
     print(f"\nBrackets: 95% paired bootstrap over {evaluation.get('held_out_prompts')} held-out prompts "
           f"({intervals.get('resamples')} resamples); KL from {kl.get('samples_per_prompt')} samples per prompt at "

@@ -349,7 +349,8 @@ class EvaluateSection(Section):
     bootstrap_resamples: int = Field(
         2000,
         ge=100,
-        description="Paired bootstrap resamples of the held-out prompts behind every 95% interval (gains, win rates, KL).",
+        description="Bootstrap resamples of the held-out prompts behind every 95% interval (gains, win rates, KL, ratios to "
+        "SFT, the reward model's accuracy).",
     )
 
 

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from itertools import chain
 from statistics import fmean
 
 import numpy as np
 
 
+def ngrams(text: str, n: int = 2) -> list[tuple[str, ...]]:
+    words = text.split()
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct n-grams over all n-grams across responses (Li et al., 2016); 0 for no n-grams."""
-    grams = [tuple(words[i : i + n]) for text in texts for words in [text.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
+    return _distinct([ngrams(text, n) for text in texts])
+
+
+def _distinct(grams_per_text: Sequence[list[tuple[str, ...]]]) -> float:
+    total = sum(len(grams) for grams in grams_per_text)
+    return len(set(chain.from_iterable(grams_per_text))) / total if total else 0.0
 
 
 def win_rate(scores: list[float], baseline_scores: list[float]) -> float:
@@ -50,6 +62,26 @@ def per_prompt_wins(scores: list[float], baseline_scores: list[float]) -> list[f
     return [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores)]
 
 
+def resampled_prompts(count: int, resamples: int, seed: int) -> np.ndarray:
+    """``resamples`` rows of ``count`` prompt indices drawn with replacement: every interval
+    of one evaluation draws these same rows (same count and seed), so its intervals rest on
+    the same resamples of prompts."""
+    return np.random.default_rng(seed).integers(0, count, size=(resamples, count))
+
+
+def _percentile_interval(estimates: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(estimates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _check_bootstrap(count: int, resamples: int, confidence: float, name: str) -> None:
+    if count < 1:
+        raise ValueError(f"{name} needs at least one value")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"{name} needs resamples >= 1 and 0 < confidence < 1")
+
+
 def bootstrap_interval(
     per_prompt: list[float], resamples: int = 2000, seed: int = 0, confidence: float = 0.95
 ) -> tuple[float, float]:
@@ -62,16 +94,67 @@ def bootstrap_interval(
     fixed. Seeded, so the same scores give the same interval. Every value of one prompt
     (several samples, say) must be reduced to one number first: the prompt is the unit.
     """
-    if not per_prompt:
-        raise ValueError("bootstrap_interval needs at least one value")
-    if resamples < 1 or not 0 < confidence < 1:
-        raise ValueError("bootstrap_interval needs resamples >= 1 and 0 < confidence < 1")
+    _check_bootstrap(len(per_prompt), resamples, confidence, "bootstrap_interval")
     values = np.asarray(per_prompt, dtype=np.float64)
-    indices = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
-    means = values[indices].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentile_interval(values[resampled_prompts(len(values), resamples, seed)].mean(axis=1), confidence)
+
+
+def bootstrap_statistic_interval(
+    statistic: Callable[[np.ndarray], float], count: int, resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of a statistic that is not a mean of per-prompt values
+    (distinct-2 pools the n-grams of every response; a ratio divides two sums):
+    ``statistic(indices)`` computes it on the prompts ``indices`` (repeats included), for
+    each of the rows ``bootstrap_interval`` draws with the same ``count`` and ``seed``.
+    Resamples where it is undefined (NaN: a baseline of 0, say) are left out; None when
+    every one is."""
+    _check_bootstrap(count, resamples, confidence, "bootstrap_statistic_interval")
+    estimates = np.array([statistic(rows) for rows in resampled_prompts(count, resamples, seed)], dtype=np.float64)
+    estimates = estimates[np.isfinite(estimates)]
+    return _percentile_interval(estimates, confidence) if len(estimates) else None
+
+
+def distinct_n_ratio(
+    texts: list[str], baseline_texts: list[str], n: int = 2, resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float | None, tuple[float, float] | None]:
+    """Distinct-n of ``texts`` over the baseline's on the same prompts (prompt i's response
+    in each), with its paired percentile bootstrap interval; (None, None) where the
+    baseline has no n-grams. Each resample pools the n-grams of the prompts drawn, for the
+    policy and the baseline alike: a prompt drawn twice repeats its n-grams in both, which
+    lowers both distinct-n and leaves their ratio about where it was."""
+    if len(texts) != len(baseline_texts) or not texts:
+        raise ValueError("distinct_n_ratio needs two equally long, non-empty lists of responses (one per prompt)")
+    grams, baseline = [ngrams(text, n) for text in texts], [ngrams(text, n) for text in baseline_texts]
+    reference = _distinct(baseline)
+    if not reference:
+        return None, None
+
+    def ratio(rows: np.ndarray) -> float:
+        below = _distinct([baseline[row] for row in rows])
+        return _distinct([grams[row] for row in rows]) / below if below else math.nan
+
+    return _distinct(grams) / reference, bootstrap_statistic_interval(ratio, len(texts), resamples, seed, confidence)
+
+
+def ratio_of_sums(
+    numerators: list[float], denominators: list[float], resamples: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float | None, tuple[float, float] | None]:
+    """sum(numerators) / sum(denominators), one term of each per prompt, with its percentile
+    bootstrap interval over prompts; (None, None) where the denominators sum to 0. Mean
+    length over SFT's (words per prompt, the policy's over SFT's), and a share of pairs
+    grouped by prompt (pairs ranked right per prompt over pairs per prompt: a clustered
+    bootstrap, since a prompt's pairs share its responses and are not independent)."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("ratio_of_sums needs two equally long, non-empty lists (one term per prompt)")
+    _check_bootstrap(len(numerators), resamples, confidence, "ratio_of_sums")
+    above, below = np.asarray(numerators, dtype=np.float64), np.asarray(denominators, dtype=np.float64)
+    if not below.sum():
+        return None, None
+    rows = resampled_prompts(len(above), resamples, seed)
+    sums_above, sums_below = above[rows].sum(axis=1), below[rows].sum(axis=1)
+    defined = sums_below != 0
+    interval = _percentile_interval(sums_above[defined] / sums_below[defined], confidence) if defined.any() else None
+    return float(above.sum() / below.sum()), interval
 
 
 def sampled_kl(policy_logprobs: list[float], reference_logprobs: list[float], samples_per_prompt: int) -> list[float]:

@@ -13,9 +13,11 @@ def frontier():
     return benchmark_script("frontier")
 
 
-def row(oracle: float, kl: float, distinct: float = 0.5) -> dict:
+def row(oracle: float, kl: float, distinct: float = 1.0) -> dict:
     return {
-        "distinct_2": distinct,
+        "distinct_2": 0.5 * distinct,
+        "distinct_2_ratio_to_sft": distinct,
+        "distinct_2_ratio_to_sft_ci95": [distinct - 0.1, distinct + 0.1],
         "oracle_mean": oracle,
         "oracle_gain_vs_sft": oracle - 0.4,
         "oracle_gain_vs_sft_ci95": [oracle - 0.5, oracle - 0.3],
@@ -27,7 +29,7 @@ def row(oracle: float, kl: float, distinct: float = 0.5) -> dict:
 
 
 def record(method: str, setting: str, value: float, oracle: float, kl: float) -> dict:
-    policies = {"base": row(0.3, 0.5), "sft": row(0.4, 0.0), method: row(oracle, kl, distinct=0.4)}
+    policies = {"base": row(0.3, 0.5), "sft": row(0.4, 0.0), method: row(oracle, kl, distinct=0.8)}
     evaluation = {"policies": policies, "held_out_prompts": 40, "intervals": {"resamples": 2000}, "sampled_kl": {"samples_per_prompt": 2}}
     stages = {method: {"cached": False, "seconds": 30.0}, "evaluate": {"cached": False, "seconds": 20.0}}
     return {"method": method, "setting": setting, "value": value, "wall_seconds": 60.0, "evaluation": evaluation, "stages": stages}
@@ -44,7 +46,7 @@ def test_points_table_and_plot(frontier, tmp_path: Path, capsys: pytest.CaptureF
     frontier.print_table(points, records[0]["evaluation"])
     printed = capsys.readouterr().out
     assert "dpo beta=0.1" in printed and "+3.000 [+2.700, +3.300]" in printed and "distinct-2/SFT" in printed
-    assert "0.800" in printed.splitlines()[4]  # dpo beta=0.1's distinct-2 over SFT's
+    assert "0.800 [0.700, 0.900]" in printed.splitlines()[4]  # dpo beta=0.1's distinct-2 over SFT's
     assert "95% paired bootstrap over 40 held-out prompts (2000 resamples); KL from 2 samples per prompt" in printed
 
     frontier.plot_frontier(points, tmp_path / "frontier.png", "test")

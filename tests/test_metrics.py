@@ -12,10 +12,12 @@ from pipeline_lib.generation import InverseCdfSampler, generate_responses, sampl
 from pipeline_lib.metrics import (
     bootstrap_interval,
     distinct_n,
+    distinct_n_ratio,
     mean_words,
     paired_differences,
     pairwise_accuracy,
     per_prompt_wins,
+    ratio_of_sums,
     sampled_kl,
     sequence_kl,
     win_rate,
@@ -94,6 +96,32 @@ def test_bootstrap_interval_narrows_with_more_prompts() -> None:
         widths.append(high - low)
     assert widths[0] > widths[1] > widths[2]
     assert widths[0] / widths[2] == pytest.approx(4.0, rel=0.25)  # width ~ 1 / sqrt(prompts)
+
+
+def test_distinct_ratio_and_its_interval_on_hand_made_responses() -> None:
+    # Every SFT response is its own; the policy opens 30 of its 40 the same way.
+    sft = [f"review {i} says word{i} and more{i}" for i in range(40)]
+    policy = [("I am glad to see it" if i < 30 else f"policy {i} says term{i} and extra{i}") for i in range(40)]
+    ratio, (low, high) = distinct_n_ratio(policy, sft, 2, resamples=500, seed=0)
+    assert ratio == pytest.approx(distinct_n(policy) / distinct_n(sft))
+    assert low < ratio < high < 1.0  # clearly below SFT's, and the interval says so
+    assert distinct_n_ratio(policy, sft, 2, resamples=500, seed=0) == (ratio, (low, high))  # seeded
+    same, (same_low, same_high) = distinct_n_ratio(sft, sft, 2, resamples=200)
+    assert same == 1.0 and same_low == same_high == pytest.approx(1.0)
+    assert distinct_n_ratio(["a b"], ["one"]) == (None, None)  # SFT without a bigram: no ratio
+    with pytest.raises(ValueError, match="equally long"):
+        distinct_n_ratio(["a b"], [])
+
+
+def test_ratio_of_sums_is_a_clustered_share() -> None:
+    # Three prompts' pairs: 2 of 2, 1 of 4, 3 of 3 ranked right -> 6 of 9, not the mean of the shares.
+    share, (low, high) = ratio_of_sums([2, 1, 3], [2, 4, 3], resamples=2000, seed=1)
+    assert share == pytest.approx(6 / 9)
+    assert 0.0 <= low < share < high <= 1.0
+    assert ratio_of_sums([1.0, 2.0], [0.0, 0.0]) == (None, None)
+    # The same prompt resamples as bootstrap_interval's: a mean is a ratio of sums over counts of 1.
+    values = [0.1, 0.5, 0.2, 0.9, 0.4]
+    assert ratio_of_sums(values, [1.0] * 5, resamples=300, seed=2)[1] == pytest.approx(bootstrap_interval(values, 300, 2))
 
 
 def test_bootstrap_interval_of_constant_values_is_a_point() -> None:
@@ -213,6 +241,7 @@ def small_results() -> tuple[dict, dict, list[str]]:
             "dpo": {"reward_model_mean": 1.0833, "win_rate_vs_sft": 1.0, "win_rate_vs_sft_ci95": [0.75, 1.0], "oracle_mean": None},
         },
         "reward_model_pairwise_accuracy": 0.875,
+        "reward_model_pairwise_accuracy_ci95": [0.75, 1.0],
         "held_out_prompts": 3,
         "held_out_pairs": 8,
         "intervals": {"confidence": 0.95, "resamples": 2000, "seed": 42, "prompts": 3},
@@ -228,7 +257,7 @@ def test_render_report_has_the_table_and_the_requested_examples() -> None:
     report = render_report(results, per_policy, prompts, num_examples=2, plot="eval.png")
     lines = report.splitlines()
 
-    assert "Held-out prompts: 3. Reward model pairwise accuracy on 8 held-out pairs: 0.875." in report
+    assert "Held-out prompts: 3. Reward model pairwise accuracy on 8 held-out pairs: 0.875 [0.750, 1.000]." in report
     assert "| policy | reward_model_mean | win_rate_vs_sft | oracle_mean |" in lines
     assert "| sft | -0.083 | 0.500 [0.500, 0.500] | 0.033 |" in lines
     assert "| dpo | 1.083 | 1.000 [0.750, 1.000] | n/a |" in lines
@@ -257,6 +286,8 @@ def test_flatten_metrics_prefixes_each_policy() -> None:
     results, _, _ = small_results()
     assert flatten_metrics(results) == {
         "reward_model_pairwise_accuracy": 0.875,
+        "reward_model_pairwise_accuracy_ci95_low": 0.75,
+        "reward_model_pairwise_accuracy_ci95_high": 1.0,
         "sft/reward_model_mean": -0.0833,
         "sft/win_rate_vs_sft": 0.5,
         "sft/win_rate_vs_sft_ci95_low": 0.5,

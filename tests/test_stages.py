@@ -26,8 +26,9 @@ from pipeline_lib.models import load_causal_lm, load_tokenizer
 from pipeline_lib.stages import reward, sft, training
 
 INTERVAL_METRICS = ("oracle_gain_vs_sft", "reward_model_gain_vs_sft", "win_rate_vs_sft", "sampled_kl_to_sft")
-EVAL_METRICS = {"oracle_mean", "reward_model_mean", "mean_length_words", "distinct_2", *INTERVAL_METRICS} | {
-    f"{metric}_ci95" for metric in INTERVAL_METRICS
+RATIO_METRICS = ("distinct_2_ratio_to_sft", "length_ratio_to_sft")
+EVAL_METRICS = {"oracle_mean", "reward_model_mean", "mean_length_words", "distinct_2", *INTERVAL_METRICS, *RATIO_METRICS} | {
+    f"{metric}_ci95" for metric in (*INTERVAL_METRICS, *RATIO_METRICS)
 }
 
 
@@ -532,6 +533,15 @@ def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: Tiny
             low, high = row[f"{metric}_ci95"]
             assert low <= row[metric] <= high, (name, metric)
         assert row["oracle_gain_vs_sft"] == pytest.approx(row["oracle_mean"] - sft["oracle_mean"])
+        # Ratios to SFT on the same prompts, each with an ordered interval (None where SFT's is 0).
+        for ratio, figure in (("distinct_2_ratio_to_sft", "distinct_2"), ("length_ratio_to_sft", "mean_length_words")):
+            if sft[figure]:
+                assert row[ratio] == pytest.approx(row[figure] / sft[figure]), (name, ratio)
+                assert row[f"{ratio}_ci95"][0] <= row[f"{ratio}_ci95"][1], (name, ratio)
+            else:
+                assert row[ratio] is None and row[f"{ratio}_ci95"] is None, (name, ratio)
+    low, high = results["reward_model_pairwise_accuracy_ci95"]
+    assert low <= results["reward_model_pairwise_accuracy"] <= high
     # Base is another model than SFT: its KL comes from its own samples, one figure per prompt.
     # (Its sign is left alone here: on the tiny models the estimate is within noise of 0;
     # tests/test_metrics.py checks KL > 0 against a clearly different model.)

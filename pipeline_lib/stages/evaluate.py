@@ -11,11 +11,12 @@ policy, judged in the order given, the base model first. Per policy:
 * KL(policy || SFT), estimated from ``evaluate.kl_samples`` responses per prompt sampled at
   temperature 1 from the policy: the mean over samples of log pi(y|x) - log pi_sft(y|x),
   summed over the response's tokens (>= 0 in expectation; exactly 0 for SFT itself);
-* mean length in words and distinct-2;
-and the reward model's pairwise accuracy on held-out pairs. Every gain, win rate and KL
-carries a 95% interval from a paired bootstrap over the held-out prompts
+* mean length in words and distinct-2, and each over SFT's on the same prompts;
+and the reward model's pairwise accuracy on held-out pairs. Every gain, win rate, KL and
+ratio to SFT carries a 95% interval from a paired bootstrap over the held-out prompts
 (``evaluate.bootstrap_resamples`` resamples, seeded by ``seed``): each resample draws the
-same prompts for the policy and for SFT.
+same prompts for the policy and for SFT. The reward model's accuracy carries one too, from
+a bootstrap over the held-out pairs' prompts.
 
 Outputs: ``eval.json`` (the figures), ``generations.jsonl`` (every prompt, policy,
 response and its scores), ``report.md`` (table and examples) and ``eval.png`` (oracle
@@ -40,15 +41,17 @@ from pipeline_lib.generation import generate_responses, reward_scores, token_log
 from pipeline_lib.metrics import (
     bootstrap_interval,
     distinct_n,
+    distinct_n_ratio,
     mean_words,
     paired_differences,
     per_prompt_wins,
     policy_kl,
+    ratio_of_sums,
     win_rate,
 )
 from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.stages import BASE_MODEL, Stage
-from pipeline_lib.stages.reward import pairwise_accuracy as reward_pairwise_accuracy
+from pipeline_lib.stages.reward import pair_scores
 
 logger = logging.getLogger(__name__)
 NOT_POLICIES = ("data_prep", "reward")  # the inputs evaluation reads that are not policies
@@ -120,10 +123,13 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # --- aggregate
     table = {name: policy_row(scores, per_policy["sft"], section.bootstrap_resamples, config.seed) for name, scores in per_policy.items()}
     pairs = read_split(data_dir, "reward_eval")
-    reward_accuracy = reward_pairwise_accuracy(reward_model, tokenizer, pairs, system_prompt)
+    reward_accuracy, reward_accuracy_interval = pairwise_accuracy_by_prompt(
+        pairs, *pair_scores(reward_model, tokenizer, pairs, system_prompt), section.bootstrap_resamples, config.seed
+    )
     results = {
         "policies": table,
         "reward_model_pairwise_accuracy": reward_accuracy,
+        "reward_model_pairwise_accuracy_ci95": reward_accuracy_interval,
         "held_out_prompts": len(prompts),
         "held_out_pairs": len(pairs),
         "oracle": "vader" if with_oracle else None,
@@ -175,12 +181,38 @@ def kl_to_sft(model, sft_model, tokenizer, prompts: list[str], config: PipelineC
     )
 
 
+def rounded(interval: tuple[float, float] | None) -> list[float] | None:
+    return [round(bound, 6) for bound in interval] if interval else None
+
+
+def pairwise_accuracy_by_prompt(
+    pairs: list[dict[str, str]], chosen: list[float], rejected: list[float], resamples: int, seed: int
+) -> tuple[float, list[float] | None]:
+    """The reward model's share of held-out pairs ranked right (ties wrong), with its 95%
+    interval from a bootstrap over the pairs' prompts: a prompt's pairs share its responses,
+    so the prompt, not the pair, is the unit resampled."""
+    right: dict[str, float] = {}
+    count: dict[str, float] = {}
+    for pair, good, bad in zip(pairs, chosen, rejected, strict=True):
+        right[pair["prompt"]] = right.get(pair["prompt"], 0.0) + (good > bad)
+        count[pair["prompt"]] = count.get(pair["prompt"], 0.0) + 1
+    accuracy, interval = ratio_of_sums(list(right.values()), list(count.values()), resamples, seed, CONFIDENCE)
+    return accuracy, rounded(interval)
+
+
 def policy_row(scores: dict[str, list], sft: dict[str, list], resamples: int, seed: int) -> dict[str, Any]:
-    """One policy's figures; every gain, win rate and KL with its paired-bootstrap interval.
-    One seed for every interval: each draws the same prompt resamples, policy after policy."""
+    """One policy's figures; every gain, win rate, KL and ratio to SFT with its paired-bootstrap
+    interval. One seed for every interval: each draws the same prompt resamples, policy after
+    policy, figure after figure."""
 
     def interval(per_prompt: list[float]) -> list[float] | None:
-        return [round(bound, 6) for bound in bootstrap_interval(per_prompt, resamples, seed, CONFIDENCE)] if per_prompt else None
+        return rounded(bootstrap_interval(per_prompt, resamples, seed, CONFIDENCE)) if per_prompt else None
+
+    distinct_ratio, distinct_interval = distinct_n_ratio(scores["responses"], sft["responses"], 2, resamples, seed, CONFIDENCE)
+    length_ratio, length_interval = ratio_of_sums(
+        [len(text.split()) for text in scores["responses"]], [len(text.split()) for text in sft["responses"]],
+        resamples, seed, CONFIDENCE,
+    )
 
     oracle_gains = paired_differences(scores["oracle"], sft["oracle"]) if scores["oracle"] else []
     reward_gains = paired_differences(scores["reward"], sft["reward"])
@@ -197,13 +229,22 @@ def policy_row(scores: dict[str, list], sft: dict[str, list], resamples: int, se
         "sampled_kl_to_sft": fmean(scores["kl"]) if scores["kl"] else None,
         "sampled_kl_to_sft_ci95": interval(scores["kl"]),
         "mean_length_words": mean_words(scores["responses"]),
+        "length_ratio_to_sft": length_ratio,
+        "length_ratio_to_sft_ci95": rounded(length_interval),
         "distinct_2": distinct_n(scores["responses"], 2),
+        "distinct_2_ratio_to_sft": distinct_ratio,
+        "distinct_2_ratio_to_sft_ci95": rounded(distinct_interval),
     }
 
 
 def flatten_metrics(results: dict[str, Any]) -> dict[str, float | None]:
     """Flat float metrics for the manifest and tracking: an interval becomes ``..._ci95_low`` and ``..._ci95_high``."""
-    flat: dict[str, float | None] = {"reward_model_pairwise_accuracy": results["reward_model_pairwise_accuracy"]}
+    accuracy_interval = results["reward_model_pairwise_accuracy_ci95"] or [None, None]
+    flat: dict[str, float | None] = {
+        "reward_model_pairwise_accuracy": results["reward_model_pairwise_accuracy"],
+        "reward_model_pairwise_accuracy_ci95_low": accuracy_interval[0],
+        "reward_model_pairwise_accuracy_ci95_high": accuracy_interval[1],
+    }
     for name, row in results["policies"].items():
         for metric, value in row.items():
             if isinstance(value, list):
@@ -229,7 +270,7 @@ def render_report(
 
     lines = ["# Evaluation", "", f"Held-out prompts: {results['held_out_prompts']}. "
              f"Reward model pairwise accuracy on {results['held_out_pairs']} held-out pairs: "
-             f"{results['reward_model_pairwise_accuracy']:.3f}.", ""]
+             f"{cell(results, 'reward_model_pairwise_accuracy')}.", ""]
     lines += intervals_note(results)
     lines.append("| policy | " + " | ".join(metrics) + " |")
     lines.append("|---" * (len(metrics) + 1) + "|")

@@ -30,13 +30,16 @@ from pipeline_lib.data.files import read_split
 from pipeline_lib.stages import Stage, training
 
 
-def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
-    """Share of pairs the reward model ranks the right way round (ties count as wrong); each
-    response is scored once however many pairs it is in."""
+def pair_scores(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> tuple[list[float], list[float]]:
+    """The reward model's scores of each pair's chosen and rejected responses; each response
+    is scored once however many pairs it is in."""
     score_of = pair_response_scores(model, tokenizer, pairs, system_prompt)
-    chosen = [score_of[(pair["prompt"], pair["chosen"])] for pair in pairs]
-    rejected = [score_of[(pair["prompt"], pair["rejected"])] for pair in pairs]
-    return accuracy_of_scores(chosen, rejected)
+    return [score_of[(pair["prompt"], pair["chosen"])] for pair in pairs], [score_of[(pair["prompt"], pair["rejected"])] for pair in pairs]
+
+
+def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
+    """Share of pairs the reward model ranks the right way round (ties count as wrong)."""
+    return accuracy_of_scores(*pair_scores(model, tokenizer, pairs, system_prompt))
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
