@@ -217,9 +217,7 @@ class DPOSection(TrainSection):
         None,
         gt=0,
         description="Early stopping on KL: every kl_check_steps steps, sample one response per training prompt "
-        "(the first kl_check_prompts) from the policy at temperature 1 and estimate KL(policy || SFT) per response, "
-        "each position's KL exact over the vocabulary (evaluation's sampled log-ratio has the same mean, with more "
-        "spread); the first "
+        "(the first kl_check_prompts) from the policy and estimate KL(policy || SFT) as evaluation does; the first "
         "time it is past this, training stops and goes back towards the last policy measured within it (kl_check_probes). "
         "None: never measure.",
     )

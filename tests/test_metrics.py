@@ -182,37 +182,6 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(ti
     assert sum(to_other) / len(to_other) > 0.1
 
 
-def test_exact_token_kl_has_the_sampled_kl_mean_and_varies_less(tiny_base_model: Path) -> None:
-    """The guard's estimate: per-position KLs summed over each sampled response. 0 against
-    itself; >= 0 for every sample; over many samples the same mean as the sampled
-    log-ratio's (both estimate KL(policy || other) per response), with a smaller spread."""
-    from pipeline_lib.stages.dpo_kl import exact_token_kl
-
-    tokenizer = load_tokenizer(tiny_base_model)
-    policy = load_causal_lm(tiny_base_model)
-    other = load_causal_lm(tiny_base_model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in other.model.layers[-1].mlp.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.5)
-
-    def logits_of(model):
-        return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
-
-    prompts = [f"Review the movie 'M{i}'." for i in range(16)]
-    pairs, sampled_logprobs = sample_response_ids(policy, tokenizer, prompts, samples_per_prompt=16, max_new_tokens=8, batch_size=64, seed=0)
-    assert exact_token_kl(policy, logits_of(policy), pairs[:8], tokenizer.pad_token_id) == pytest.approx([0.0] * 8, abs=1e-5)
-    exact = exact_token_kl(policy, logits_of(other), pairs, tokenizer.pad_token_id, batch_size=64)
-    log_ratio = sequence_kl(sampled_logprobs, token_logprobs(other, pairs, tokenizer.pad_token_id, batch_size=64))
-    assert min(exact) >= 0.0
-    assert np.mean(exact) > 0.1
-    standard_error = np.std(log_ratio) / np.sqrt(len(pairs))
-    assert abs(np.mean(exact) - np.mean(log_ratio)) < 3 * standard_error
-    assert np.std(exact) < 0.8 * np.std(log_ratio)
-    # Batching does not change a response's figure.
-    assert exact_token_kl(policy, logits_of(other), pairs[:5], tokenizer.pad_token_id, batch_size=2) == pytest.approx(exact[:5], abs=1e-4)
-
-
 def test_the_sampler_draws_from_the_softmax_at_its_temperature() -> None:
     """Frequencies of 40,000 draws (rows of one batch) match softmax(logits / T) at T=1
     and T=0.5, the same seed draws the same tokens, and a row is -inf but for its token."""

@@ -23,13 +23,9 @@ def checkpoint_folder(args, state) -> Path:
 
 class SampledKlStop(transformers.TrainerCallback):
     """Early stopping on KL for a trainer that never samples (DPO): every ``every_steps``
-    optimizer steps, sample one response per prompt from the policy at temperature 1 (as
-    evaluation's KL does) and estimate KL(policy || reference) per response from them: the
-    mean over prompts of the per-position KLs summed over each response, each exact over the
-    vocabulary (``exact_token_kl``). Evaluation's sampled log-ratio has the same
-    mean, but every reading of it also depends on which token each position drew; the guard
-    compares single readings of 32 responses against a bound, so it takes the estimate that
-    varies less (see the README, "How sure each verdict is"). While it is
+    optimizer steps, sample one response per prompt from the policy at temperature 1 and
+    estimate KL(policy || reference) as evaluation does (``metrics.policy_kl``: the mean
+    over prompts of log pi(y|x) - log pi_ref(y|x), summed over the response). While it is
     within ``max_kl`` the policy is remembered; the first time it is past, training stops and
     the policy goes back towards the last one measured within: ``probes`` more measurements
     on the straight line between the two (in the trained weights) find the furthest point
@@ -55,8 +51,8 @@ class SampledKlStop(transformers.TrainerCallback):
     is read) and their samples are seeded the same at every check, so successive checks
     differ by the policy, not by the draw.
 
-    ``reference_logits(ids, mask)`` gives the reference's logits: the frozen copy's, or the
-    policy's with its LoRA adapter disabled. On several processes
+    ``reference_logprobs(pairs)`` scores (prompt ids, response ids) under the reference:
+    the frozen copy, or the policy with its LoRA adapter disabled. On several processes
     (DDP) every rank holds the same weights and measures the same KL, so all stop at the
     same step; under engines that shard the weights (ZeRO-3, FSDP) sampling would need
     them gathered first, which this does not do.
@@ -68,10 +64,10 @@ class SampledKlStop(transformers.TrainerCallback):
     stopped training, so none resumes past a stop.
     """
 
-    def __init__(self, policy, reference_logits, tokenizer, prompts: list[str], max_kl: float, every_steps: int,
+    def __init__(self, policy, reference_logprobs, tokenizer, prompts: list[str], max_kl: float, every_steps: int,
                  max_new_tokens: int, seed: int, system_prompt: str | None = None, batch_size: int = 16,
                  probes: int = 0):
-        self.policy, self.reference_logits, self.tokenizer = policy, reference_logits, tokenizer
+        self.policy, self.reference_logprobs, self.tokenizer = policy, reference_logprobs, tokenizer
         self.prompts, self.max_kl, self.every_steps, self.probes = prompts, max_kl, every_steps, probes
         self.max_new_tokens, self.seed, self.system_prompt, self.batch_size = max_new_tokens, seed, system_prompt, batch_size
         self.within: dict | None = None  # the last policy measured within the limit
@@ -84,13 +80,13 @@ class SampledKlStop(transformers.TrainerCallback):
     def measure(self) -> float:
         from statistics import fmean
 
-        from pipeline_lib.generation import sample_response_ids
+        from pipeline_lib.metrics import policy_kl
 
         was_training = self.policy.training
-        pairs, _ = sample_response_ids(
-            self.policy, self.tokenizer, self.prompts, 1, self.max_new_tokens, self.batch_size, self.seed, self.system_prompt
-        )
-        kl = fmean(exact_token_kl(self.policy, self.reference_logits, pairs, self.tokenizer.pad_token_id, self.batch_size))
+        kl = fmean(policy_kl(
+            self.policy, self.reference_logprobs, self.tokenizer, self.prompts, 1, self.max_new_tokens, self.batch_size,
+            self.seed, self.system_prompt,
+        ))
         self.policy.train(was_training)
         return kl
 
@@ -178,43 +174,3 @@ class SampledKlStop(transformers.TrainerCallback):
                 high, high_kl = fraction, measured
         restore_snapshot(self.policy, self.within, past, low)
         return low, low_kl
-
-
-def exact_token_kl(policy, reference_logits, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16) -> list[float]:
-    """For each (prompt ids, response ids) pair, the sum over the response's positions of
-    KL(policy(. | prefix) || reference(. | prefix)), each term exact over the whole vocabulary.
-    ``reference_logits(ids, mask)`` returns the reference's logits (a frozen copy's, or the
-    policy's with its LoRA adapter disabled).
-
-    Why not the sampled log-ratio (``metrics.sampled_kl``'s k1, evaluation's estimator): for
-    responses sampled from the policy both have KL(policy || reference) per response as
-    their mean (by the chain rule, the sequence KL is the expected sum of the per-position
-    KLs along the policy's own samples), but this one does not depend on which token each
-    position drew, only on the prefix it drew it after (Rao-Blackwellised over the token), so
-    it varies less from sample to sample, and no sample reads below 0. The price: one more
-    forward pass of the policy over the samples, and the full next-token distributions of the
-    response positions in memory, two (batch x response length x vocabulary) tensors."""
-    import torch
-
-    from pipeline_lib import progress
-    from pipeline_lib.generation import _autocast_for, _left_pad
-
-    policy.eval()
-    totals: list[float] = []
-    for start in progress.batches(len(pairs), batch_size, "KL"):
-        batch = pairs[start : start + batch_size]
-        width = max(len(answer) for _, answer in batch)
-        if not width:
-            totals += [0.0] * len(batch)
-            continue
-        ids, mask = _left_pad([prompt + answer for prompt, answer in batch], pad_id)
-        ids, mask = ids.to(policy.device), mask.to(policy.device)
-        with torch.no_grad(), _autocast_for(policy):
-            # Left padding ends every row at the last column: the positions that predict the
-            # responses' tokens are the last ``width`` before it.
-            policy_log = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits[:, -width - 1 : -1].float(), -1)
-            reference_log = torch.log_softmax(reference_logits(ids, mask)[:, -width - 1 : -1].float(), -1)
-        per_position = (policy_log.exp() * (policy_log - reference_log)).sum(-1)
-        for row, (_, answer) in enumerate(batch):
-            totals.append(float(per_position[row, width - len(answer) :].sum()) if answer else 0.0)
-    return totals
