@@ -32,11 +32,16 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> float:
     return fmean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores))
 
 
-def pairwise_accuracy(chosen_scores: list[float], rejected_scores: list[float]) -> float:
-    """Share of pairs scored the right way round; a tie counts as wrong."""
+def ranked_right(chosen_scores: list[float], rejected_scores: list[float]) -> list[float]:
+    """1 for each pair scored the right way round, 0 otherwise (a tie counts as wrong)."""
     if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
         raise ValueError("pairwise_accuracy needs two equally long, non-empty score lists")
-    return fmean(1.0 if c > r else 0.0 for c, r in zip(chosen_scores, rejected_scores))
+    return [1.0 if c > r else 0.0 for c, r in zip(chosen_scores, rejected_scores)]
+
+
+def pairwise_accuracy(chosen_scores: list[float], rejected_scores: list[float]) -> float:
+    """Share of pairs scored the right way round; a tie counts as wrong."""
+    return fmean(ranked_right(chosen_scores, rejected_scores))
 
 
 def sequence_kl(policy_logprobs: list[float], reference_logprobs: list[float]) -> list[float]:

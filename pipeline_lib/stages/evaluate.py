@@ -46,6 +46,7 @@ from pipeline_lib.metrics import (
     paired_differences,
     per_prompt_wins,
     policy_kl,
+    ranked_right,
     ratio_of_sums,
     win_rate,
 )
@@ -193,8 +194,8 @@ def pairwise_accuracy_by_prompt(
     so the prompt, not the pair, is the unit resampled."""
     right: dict[str, float] = {}
     count: dict[str, float] = {}
-    for pair, good, bad in zip(pairs, chosen, rejected, strict=True):
-        right[pair["prompt"]] = right.get(pair["prompt"], 0.0) + (good > bad)
+    for pair, hit in zip(pairs, ranked_right(chosen, rejected), strict=True):
+        right[pair["prompt"]] = right.get(pair["prompt"], 0.0) + hit
         count[pair["prompt"]] = count.get(pair["prompt"], 0.0) + 1
     accuracy, interval = ratio_of_sums(list(right.values()), list(count.values()), resamples, seed, CONFIDENCE)
     return accuracy, rounded(interval)
