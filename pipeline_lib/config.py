@@ -254,6 +254,22 @@ class PPOSection(TrainSection):
         description="Early stopping on KL: when a batch's rollouts are further than this from SFT (TRL's objective/kl, "
         "nats per response), training stops and keeps the last policy whose rollouts stayed within it. None: never stop.",
     )
+    min_distinct_ratio: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Diversity guard: after training, when the policy's greedy responses to the first "
+        "distinct_check_prompts training prompts keep less than this share of SFT's distinct-2 on the same prompts, "
+        "PPO goes back batch by batch to the latest policy that keeps it (SFT, where none does). None: no check.",
+    )
+    distinct_check_prompts: int = Field(128, ge=2, description="Training prompts the diversity guard reads (with min_distinct_ratio).")
+    distinct_check_probes: int = Field(
+        0,
+        ge=0,
+        description="With min_distinct_ratio, once the guard has gone back: bisections of the straight line (in the "
+        "trained weights) from the policy it kept to the next one, under the floor; the furthest point measured at or "
+        "above it is kept. Each costs one more measurement. 0: whole batches only.",
+    )
 
     target_kl: float | None = Field(
         None,

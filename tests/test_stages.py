@@ -223,6 +223,45 @@ def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None
     with pytest.raises(training.StopTraining, match="episode 64: its rollouts were 5.00 nats"):
         stop.on_log(None, SimpleNamespace(episode=64), None, logs={"objective/kl": 5.0})  # policy 3 is past the limit
     assert policy.weight.item() == 2.0 and stop.stopped_at_episode == 64 and stop.kept_kl == 2.0
+    assert stop.kept_batches == 2  # the diversity guard walks back from here
+
+
+def test_the_diversity_guard_goes_back_to_the_latest_policy_diverse_enough() -> None:
+    """``BatchSnapshots`` keeps the start and each batch's policy on the CPU; ``keep_diverse``
+    measures the newest first and puts back the latest whose distinct-2 ratio reaches the
+    floor, or SFT's (never measured: 1 by definition) when none does; with probes it then
+    bisects the line from the policy kept to the next one."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.stages.ppo_reward import BatchSnapshots, keep_diverse
+
+    policy = torch.nn.Linear(1, 1, bias=False)
+    snapshots = BatchSnapshots(policy)
+    with torch.no_grad():
+        policy.weight.fill_(0.0)
+    snapshots.on_train_begin(None, None, None)
+    for batch in range(1, 5):
+        with torch.no_grad():
+            policy.weight.fill_(float(batch))
+        snapshots.on_log(None, SimpleNamespace(episode=batch), None, logs={"objective/kl": 1.0})
+        snapshots.on_log(None, None, None, logs={"loss/value_avg": 0.1})  # not a batch's log
+    assert [s["weight"].item() for s in snapshots.snapshots] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert all(s["weight"].device.type == "cpu" for s in snapshots.snapshots)
+    diversity = lambda model: 1.0 - 0.08 * model.weight.item()  # noqa: E731  batch 4: 0.68, 3: 0.76, 2: 0.84, 1: 0.92
+    kept, measured = keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.79)
+    assert kept == 2 and measured == pytest.approx([0.68, 0.76, 0.84]) and policy.weight.item() == 2.0
+    with torch.no_grad():
+        policy.weight.fill_(4.0)
+    assert keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.5) == (4, [pytest.approx(0.68)])  # kept as trained
+    assert policy.weight.item() == 4.0
+    kept, measured = keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.99)
+    assert kept == 0 and len(measured) == 4 and policy.weight.item() == 0.0
+    # Two probes on the line from batch 2 (0.84) to batch 3 (0.76): 2.5 reads 0.80 and stays, 2.75 reads 0.78.
+    with torch.no_grad():
+        policy.weight.fill_(4.0)
+    kept, measured = keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.79, probes=2)
+    assert kept == 2.5 and measured == pytest.approx([0.68, 0.76, 0.84, 0.80, 0.78])
+    assert policy.weight.item() == pytest.approx(2.5)
 
 
 def test_the_adaptive_kl_coefficient_follows_ziegler_et_al() -> None:
@@ -276,6 +315,55 @@ def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(ti
     assert metrics["stopped_early_at_episode"] in (batch, 2 * batch)
     sft, ppo = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
     assert sft.keys() == ppo.keys() and all(torch.equal(sft[name], ppo[name]) for name in sft)
+
+
+def test_ppo_under_its_diversity_floor_goes_back_to_sft(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ppo.min_distinct_ratio``: when no trained policy's greedy responses keep the floor's
+    share of SFT's distinct-2, the stage measures every batch's policy, newest first, says
+    so, and saves the SFT policy it started from. The real measurement runs; the ratios it
+    returns are scripted (SFT's distinct-2, then a tenth of it for every later policy)."""
+    from pipeline_lib.stages import ppo
+
+    measured: list[float] = []
+
+    def scripted(model, tokenizer, prompts, config) -> float:
+        measured.append(real(model, tokenizer, prompts, config))
+        return 1.0 if len(measured) == 1 else 0.1
+
+    real = ppo.greedy_distinct_2
+    monkeypatch.setattr(ppo, "greedy_distinct_2", scripted)
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.min_distinct_ratio, config.ppo.distinct_check_prompts = 0.5, 4
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    with caplog.at_level("WARNING", logger="pipeline_lib.stages.ppo"):
+        metrics = ppo.run(config, inputs, tmp_path / "ppo")
+    assert metrics["diversity_kept_batches"] == 0
+    assert any("under ppo.min_distinct_ratio=0.5: keeping the policy 0 of" in r.getMessage() for r in caplog.records)
+    assert metrics["diversity_ratios_measured"] == [0.1] * metrics["logged_losses"]
+    assert len(measured) == metrics["logged_losses"] + 1 and all(0 <= value <= 1 for value in measured)
+    sft, kept = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
+    assert sft.keys() == kept.keys() and all(torch.equal(sft[name], kept[name]) for name in sft)
+
+
+def test_ppo_diversity_guard_is_off_when_sft_has_no_word_pairs(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One-word answers have no distinct-2 to keep a share of: the stage says so, trains as
+    without the guard and keeps what it trained."""
+    from pipeline_lib.stages import ppo
+
+    monkeypatch.setattr(ppo, "greedy_distinct_2", lambda model, tokenizer, prompts, config: 0.0)
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.min_distinct_ratio = 0.5
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    with caplog.at_level("WARNING", logger="pipeline_lib.stages.ppo"):
+        metrics = ppo.run(config, inputs, tmp_path / "ppo")
+    assert metrics["diversity_kept_batches"] is None and metrics["diversity_ratios_measured"] is None
+    assert any("no word pairs" in r.getMessage() and "guard is off" in r.getMessage() for r in caplog.records)
+    sft, trained = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
+    assert any(not torch.equal(sft[name], trained[name]) for name in sft)
 
 
 def train_one_weight(guard, policy: torch.nn.Linear, max_steps: int = 9) -> None:

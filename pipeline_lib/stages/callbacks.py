@@ -27,10 +27,15 @@ class StepProgress(transformers.TrainerCallback):
         logger.info("%s: step %d/%d%s", self.stage, state.global_step, state.max_steps, shown, extra={"progress": steps})
 
 
-def trainable_snapshot(model) -> dict:
+def trainable_snapshot(model, device=None) -> dict:
     """A copy of the parameters that train (the top layers, or the LoRA adapters): all a KL
-    guard needs to put a policy back, at a fraction of a whole model's memory."""
-    return {name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad}
+    guard needs to put a policy back, at a fraction of a whole model's memory; on
+    ``device`` (e.g. ``"cpu"``, for guards that keep many), else where they are."""
+    return {
+        name: parameter.detach().to(device, copy=True) if device is not None else parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
 
 
 def restore_snapshot(model, snapshot: dict, toward: dict | None = None, fraction: float = 0.0) -> None:

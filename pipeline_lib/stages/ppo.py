@@ -18,12 +18,17 @@ TRL treats every pad id as padding, so the tokenizer's pad must differ from EOS
 would be masked and the reward read one token off. TRL reads the reward at a rollout's
 last token, mid-sentence for a rollout cut off at ``response_length``; ``EosClosedReward`` (ppo_reward.py)
 closes such rollouts with EOS first, as evaluation does.
+With ``ppo.min_distinct_ratio``, a diversity guard (``keep_diverse`` in ppo_reward.py) reads
+the policy's greedy responses to the training prompts after training and, when they keep
+less than that share of SFT's distinct-2, goes back to the latest batch's policy that
+does (snapshots of the trainable weights, kept on the CPU).
 
 Run alone: ``run(config, {"sft": SFT_DIR, "reward": REWARD_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,7 +36,8 @@ from typing import Any
 
 from pipeline_lib import adapters
 from pipeline_lib.config import PipelineConfig
-from pipeline_lib.generation import chat_prompt_ids, pair_response_scores
+from pipeline_lib.generation import chat_prompt_ids, generate_responses, pair_response_scores
+from pipeline_lib.metrics import distinct_n
 from pipeline_lib.models import (
     freeze_all_but_top_k,
     load_sequence_classifier,
@@ -41,13 +47,23 @@ from pipeline_lib.models import (
 from pipeline_lib.data.files import read_prompts, read_split
 from pipeline_lib.stages import Stage, training
 
+logger = logging.getLogger(__name__)
+
 
 def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from pipeline_lib.stages.ppo_reward import AdaptiveKlCoef, EosClosedReward, KlEarlyStop, rescale_value_head, score_statistics
+    from pipeline_lib.stages.ppo_reward import (
+        AdaptiveKlCoef,
+        BatchSnapshots,
+        EosClosedReward,
+        KlEarlyStop,
+        keep_diverse,
+        rescale_value_head,
+        score_statistics,
+    )
 
     # --- setup
     section = config.ppo
@@ -115,12 +131,42 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         value_model=value_model,
         train_dataset=train_dataset,
     )
+    guard = None
+    if section.min_distinct_ratio is not None:
+        # SFT's figure is the policy's before any update (with LoRA, its zero adapters).
+        check_prompts = prompts[: section.distinct_check_prompts]
+        sft_distinct = greedy_distinct_2(policy, tokenizer, check_prompts, config)
+        if sft_distinct > 0:
+            guard = BatchSnapshots(policy)
+            trainer.add_callback(guard)  # before KlEarlyStop: it snapshots the batch a KL stop ends on too
+        else:  # one-word answers, say: no ratio to read, and no reason to fail the stage
+            logger.warning(
+                "ppo.min_distinct_ratio: SFT's greedy responses to the first %d training prompts have no word pairs, "
+                "so there is no distinct-2 to compare against: the diversity guard is off for this run",
+                len(check_prompts),
+            )
     kl_stop = KlEarlyStop(policy, section.max_kl) if section.max_kl is not None else None
     if kl_stop is not None:
         trainer.add_callback(kl_stop)
     if section.target_kl is not None:  # args.batch_size: rollouts per batch, set by PPOTrainer
         trainer.add_callback(AdaptiveKlCoef(section.target_kl, section.kl_horizon, args.batch_size))
     training.train_resumable("ppo", trainer, out_dir, resume=False)
+    kept_batches, distinct_ratios = None, []
+    if guard is not None:
+        trained = kl_stop.kept_batches if kl_stop is not None and kl_stop.stopped_at_episode is not None else len(guard.snapshots) - 1
+        kept_batches, distinct_ratios = keep_diverse(
+            policy, guard.snapshots, trained,
+            lambda model: greedy_distinct_2(model, tokenizer, check_prompts, config) / sft_distinct,
+            section.min_distinct_ratio, section.distinct_check_probes,
+        )
+        if kept_batches < trained:
+            logger.warning(
+                "ppo: greedy responses to %d training prompts kept %s of SFT's distinct-2 (in the order measured: "
+                "newest batch first, then points on the line), under ppo.min_distinct_ratio=%s: keeping the policy "
+                "%.3g of %d batches in",
+                len(check_prompts), ", ".join(f"{ratio:.3f}" for ratio in distinct_ratios), section.min_distinct_ratio,
+                kept_batches, trained,
+            )
     # --- save: the policy only (TRL's save_model unwraps it from the value model)
     history = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
     training.write_loss_log(trainer, out_dir)
@@ -139,10 +185,21 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "reward_mean": reward_mean if section.normalize_reward else None,
         "reward_std": reward_std if section.normalize_reward else None,
         "stopped_early_at_episode": kl_stop.stopped_at_episode if kl_stop else None,
+        "diversity_kept_batches": kept_batches,
+        "diversity_ratios_measured": [round(ratio, 4) for ratio in distinct_ratios] or None,
         "logged_losses": len(history),
         "resumed_from_checkpoint": False,
         "tracking_run_id": training.tracking.finish(),
     }
+
+
+def greedy_distinct_2(model, tokenizer, prompts: list[str], config: PipelineConfig) -> float:
+    """Distinct-2 of the model's greedy responses to ``prompts``, as evaluation reads it."""
+    responses = generate_responses(
+        model, tokenizer, prompts, max_new_tokens=config.ppo.response_length,
+        batch_size=config.ppo.per_device_train_batch_size, seed=config.seed, system_prompt=config.model.system_prompt,
+    )
+    return distinct_n([texts[0] for texts in responses], 2)
 
 
 STAGE = Stage(
