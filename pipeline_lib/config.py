@@ -263,6 +263,13 @@ class PPOSection(TrainSection):
         "PPO goes back batch by batch to the latest policy that keeps it (SFT, where none does). None: no check.",
     )
     distinct_check_prompts: int = Field(128, ge=2, description="Training prompts the diversity guard reads (with min_distinct_ratio).")
+    distinct_check_snapshots: int = Field(
+        8,
+        ge=3,
+        description="With min_distinct_ratio: the latest batches whose policies the guard can go back to (copies of the "
+        "trainable weights, on the CPU; SFT's start is always kept, so memory is this many plus one copies); past them "
+        "it goes back to SFT.",
+    )
     distinct_check_probes: int = Field(
         0,
         ge=0,

@@ -230,23 +230,12 @@ def test_the_diversity_guard_goes_back_to_the_latest_policy_diverse_enough() -> 
     """``BatchSnapshots`` keeps the start and each batch's policy on the CPU; ``keep_diverse``
     measures the newest first and puts back the latest whose distinct-2 ratio reaches the
     floor, or SFT's (never measured: 1 by definition) when none does; with probes it then
-    bisects the line from the policy kept to the next one."""
-    from types import SimpleNamespace
+    bisects the line from the policy kept to the one measured before it."""
+    from pipeline_lib.stages.ppo_reward import keep_diverse
 
-    from pipeline_lib.stages.ppo_reward import BatchSnapshots, keep_diverse
-
-    policy = torch.nn.Linear(1, 1, bias=False)
-    snapshots = BatchSnapshots(policy)
-    with torch.no_grad():
-        policy.weight.fill_(0.0)
-    snapshots.on_train_begin(None, None, None)
-    for batch in range(1, 5):
-        with torch.no_grad():
-            policy.weight.fill_(float(batch))
-        snapshots.on_log(None, SimpleNamespace(episode=batch), None, logs={"objective/kl": 1.0})
-        snapshots.on_log(None, None, None, logs={"loss/value_avg": 0.1})  # not a batch's log
-    assert [s["weight"].item() for s in snapshots.snapshots] == [0.0, 1.0, 2.0, 3.0, 4.0]
-    assert all(s["weight"].device.type == "cpu" for s in snapshots.snapshots)
+    policy, snapshots = policy_through_batches(batches=4, keep=8)
+    assert {batch: s["weight"].item() for batch, s in snapshots.snapshots.items()} == {b: float(b) for b in range(5)}
+    assert all(s["weight"].device.type == "cpu" for s in snapshots.snapshots.values())
     diversity = lambda model: 1.0 - 0.08 * model.weight.item()  # noqa: E731  batch 4: 0.68, 3: 0.76, 2: 0.84, 1: 0.92
     kept, measured = keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.79)
     assert kept == 2 and measured == pytest.approx([0.68, 0.76, 0.84]) and policy.weight.item() == 2.0
@@ -264,57 +253,39 @@ def test_the_diversity_guard_goes_back_to_the_latest_policy_diverse_enough() -> 
     assert policy.weight.item() == pytest.approx(2.5)
 
 
-def test_the_adaptive_kl_coefficient_follows_ziegler_et_al() -> None:
-    """Under the target the coefficient falls, over it it rises, each by at most 20% of
-    episodes/horizon a batch; TRL reads it from args for the next batch."""
+def test_the_diversity_guard_keeps_a_window_of_batches_and_sft() -> None:
+    """Memory stays at ``keep`` batches plus the start: past the window the guard goes back
+    to SFT, and its probes then run on the line from SFT to the oldest batch it read."""
+    from pipeline_lib.stages.ppo_reward import keep_diverse
+
+    policy, snapshots = policy_through_batches(batches=6, keep=3)
+    assert sorted(snapshots.snapshots) == [0, 4, 5, 6] and snapshots.batches == 6
+    diversity = lambda model: 1.0 - 0.08 * model.weight.item()  # noqa: E731  batch 4: 0.68, 1.5: 0.88
+    kept, measured = keep_diverse(policy, snapshots.snapshots, 6, diversity, floor=0.85, probes=3)
+    # 6, 5, 4 under the floor; SFT to batch 4: 2.0 reads 0.84 (under), 1.0 0.92, 1.5 0.88.
+    assert measured == pytest.approx([0.52, 0.60, 0.68, 0.84, 0.92, 0.88])
+    assert kept == 1.5 and policy.weight.item() == pytest.approx(1.5)
+    assert keep_diverse(policy, snapshots.snapshots, 0, diversity, floor=0.85) == (0.0, [])  # SFT: nothing to read
+
+
+def policy_through_batches(batches: int, keep: int):
+    """A one-weight policy driven through ``batches`` logged batches (weight = batch) with
+    ``BatchSnapshots(keep)`` watching, as a PPO trainer would."""
     from types import SimpleNamespace
 
-    from pipeline_lib.stages.ppo_reward import AdaptiveKlCoef
+    from pipeline_lib.stages.ppo_reward import BatchSnapshots
 
-    args, controller = SimpleNamespace(kl_coef=0.25), AdaptiveKlCoef(target=1.0, horizon=320, episodes_per_batch=32)
-    for kl in (0.0, 0.95, 3.0):
-        controller.on_log(args, None, None, logs={"objective/kl": kl})
-    controller.on_log(args, None, None, logs={"loss/value_avg": 0.1})  # a log without KL changes nothing
-    expected = [0.25 * 0.98, 0.25 * 0.98 * 0.995, 0.25 * 0.98 * 0.995 * 1.02]
-    assert controller.history == pytest.approx(expected) and args.kl_coef == pytest.approx(expected[-1])
-
-
-def test_ppo_with_a_target_kl_moves_its_coefficient(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
-    """A target no rollout reaches (1000 nats) lowers kl_coef by the most a batch may, 20%,
-    after every batch (a horizon of one episode)."""
-    config = tiny_pipeline.config.model_copy(deep=True)
-    config.ppo.target_kl, config.ppo.kl_horizon = 1000.0, 1
-    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
-    metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
-    assert metrics["logged_losses"] >= 2  # one entry per batch
-    assert metrics["final_kl_coef"] == pytest.approx(config.ppo.kl_coef * 0.8 ** metrics["logged_losses"])
-
-
-def test_ppo_with_a_constant_schedule_updates_every_batch_at_the_peak_rate(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
-    """``lr_scheduler_type: constant``: each batch of rollouts updates at the peak rate, where
-    the default linear schedule (the fixture's PPO run) lowers it batch by batch."""
-    rates = lambda output: [entry["lr"] for entry in logged(output) if "objective/kl" in entry]  # noqa: E731
-    linear = rates(tiny_pipeline.outputs["ppo"])
-    assert len(linear) >= 2 and linear == sorted(linear, reverse=True) and linear[-1] < linear[0]
-    config = tiny_pipeline.config.model_copy(deep=True)
-    config.ppo.lr_scheduler_type = "constant"
-    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
-    registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
-    assert rates(tmp_path / "ppo") == [config.ppo.learning_rate] * len(linear)
-
-
-def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
-    """With a limit no update can stay within, the stage stops at the second batch (whose
-    rollouts measure the first update), or at the first when SFT's own rollouts measure a
-    rounding error past it, and either way saves the SFT policy it started from."""
-    config = tiny_pipeline.config.model_copy(deep=True)
-    config.ppo.max_kl = 1e-9
-    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
-    metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
-    batch = config.ppo.per_device_train_batch_size * config.ppo.gradient_accumulation_steps
-    assert metrics["stopped_early_at_episode"] in (batch, 2 * batch)
-    sft, ppo = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
-    assert sft.keys() == ppo.keys() and all(torch.equal(sft[name], ppo[name]) for name in sft)
+    policy = torch.nn.Linear(1, 1, bias=False)
+    snapshots = BatchSnapshots(policy, keep=keep)
+    with torch.no_grad():
+        policy.weight.fill_(0.0)
+    snapshots.on_train_begin(None, None, None)
+    for batch in range(1, batches + 1):
+        with torch.no_grad():
+            policy.weight.fill_(float(batch))
+        snapshots.on_log(None, SimpleNamespace(episode=batch), None, logs={"objective/kl": 1.0})
+        snapshots.on_log(None, None, None, logs={"loss/value_avg": 0.1})  # not a batch's log
+    return policy, snapshots
 
 
 def test_ppo_under_its_diversity_floor_goes_back_to_sft(

@@ -137,7 +137,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         check_prompts = prompts[: section.distinct_check_prompts]
         sft_distinct = greedy_distinct_2(policy, tokenizer, check_prompts, config)
         if sft_distinct > 0:
-            guard = BatchSnapshots(policy)
+            guard = BatchSnapshots(policy, section.distinct_check_snapshots)
             trainer.add_callback(guard)  # before KlEarlyStop: it snapshots the batch a KL stop ends on too
         else:  # one-word answers, say: no ratio to read, and no reason to fail the stage
             logger.warning(
@@ -153,7 +153,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     training.train_resumable("ppo", trainer, out_dir, resume=False)
     kept_batches, distinct_ratios = None, []
     if guard is not None:
-        trained = kl_stop.kept_batches if kl_stop is not None and kl_stop.stopped_at_episode is not None else len(guard.snapshots) - 1
+        trained = kl_stop.kept_batches if kl_stop is not None and kl_stop.stopped_at_episode is not None else guard.batches
         kept_batches, distinct_ratios = keep_diverse(
             policy, guard.snapshots, trained,
             lambda model: greedy_distinct_2(model, tokenizer, check_prompts, config) / sft_distinct,

@@ -169,56 +169,69 @@ class AdaptiveKlCoef(transformers.TrainerCallback):
 
 
 class BatchSnapshots(transformers.TrainerCallback):
-    """The trainable weights at the start and after each batch of rollouts (TRL logs once a
-    batch, after its updates), kept on the CPU: the policies the diversity guard
-    (``keep_diverse``) can go back to. ``snapshots[k]``: the policy after k batches."""
+    """The trainable weights at the start and after each of the latest ``keep`` batches of
+    rollouts (TRL logs once a batch, after its updates), kept on the CPU: the policies the
+    diversity guard (``keep_diverse``) can go back to. ``snapshots[k]``: the policy after k
+    batches; the start (k = 0, SFT) always stays, older batches are dropped as new ones
+    come, so memory stays at ``keep + 1`` copies of the trainable weights however long the
+    run."""
 
-    def __init__(self, policy: torch.nn.Module):
-        self.policy = policy
-        self.snapshots: list[dict[str, torch.Tensor]] = []
+    def __init__(self, policy: torch.nn.Module, keep: int):
+        self.policy, self.keep = policy, keep
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.batches = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.snapshots = [trainable_snapshot(self.policy, device="cpu")]
+        self.snapshots, self.batches = {0: trainable_snapshot(self.policy, device="cpu")}, 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if "objective/kl" in (logs or {}):
-            self.snapshots.append(trainable_snapshot(self.policy, device="cpu"))
+        if "objective/kl" not in (logs or {}):
+            return
+        self.batches += 1
+        self.snapshots[self.batches] = trainable_snapshot(self.policy, device="cpu")
+        if self.batches - self.keep > 0:
+            del self.snapshots[self.batches - self.keep]
 
 
 def keep_diverse(
-    policy, snapshots: list[dict], current: int, diversity, floor: float, probes: int = 0
+    policy, snapshots: dict[int, dict], current: int, diversity, floor: float, probes: int = 0
 ) -> tuple[float, list[float]]:
     """PPO's diversity guard (``ppo.min_distinct_ratio``): the policy, trained for ``current``
     batches, stays if ``diversity(policy)`` (its distinct-2 over SFT's) is at least ``floor``;
-    otherwise the weights go back one batch at a time (``snapshots``, from ``BatchSnapshots``)
-    to the latest policy that is, or to SFT's (``snapshots[0]``, a ratio of 1 by definition).
-    Then ``probes`` bisections of the straight line (in the trained weights) from that policy
-    to the next one, which was under the floor, keep the furthest point measured at or
-    above it, as DPO's guard goes back along its line (``dpo.kl_check_probes``). Returns the
-    batches kept (a fraction past the last whole one when a probe kept a point on the line)
-    and the ratios measured, in the order measured.
+    otherwise the weights go back through the earlier batches' (``snapshots``, from
+    ``BatchSnapshots``), newest first, to the latest policy that is, or to SFT's
+    (``snapshots[0]``, a ratio of 1 by definition). Then ``probes`` bisections of the
+    straight line (in the trained weights) from that policy to the one measured before it,
+    under the floor, keep the furthest point measured at or above it, as DPO's guard goes
+    back along its line (``dpo.kl_check_probes``). Returns the batches kept (with a fraction
+    when a probe kept a point on the line) and the ratios measured, in the order measured.
 
     Why greedy distinct-2 and not KL or entropy: on the default task PPO's failures are
     collapses onto one opening (32 of 80 held-out responses of one seed began "I'm glad to"),
     and neither showed them. That seed's rollouts ended at 2.8 nats, within the other
     seeds' 1.7-3.6, and at the highest entropy of any seed's; its greedy responses to its
     own training prompts kept 0.815 of SFT's distinct-2, and 0.798 on held-out prompts."""
+    if current == 0:  # SFT: nothing to go back from
+        return 0.0, []
     measured: list[float] = []
-    batches = current
-    while batches > 0:
+    beyond_batches = None  # the last policy measured under the floor: the line's far end
+    for batches in [current] + sorted((b for b in snapshots if 0 < b < current), reverse=True):
         if batches != current:
             restore_snapshot(policy, snapshots[batches])
         measured.append(diversity(policy))
         if measured[-1] >= floor:
             break
-        batches -= 1
-    if batches == current:
+        beyond_batches = batches
+    else:
+        batches = 0
+    if beyond_batches is None:
         return float(current), measured
-    within, beyond = 0.0, 1.0  # fractions of the way from snapshots[batches] to snapshots[batches + 1]
+    start, end = snapshots[batches], snapshots[beyond_batches]
+    within, beyond = 0.0, 1.0  # fractions of the way from ``start`` to ``end``
     for _ in range(probes):
         fraction = (within + beyond) / 2
-        restore_snapshot(policy, snapshots[batches], toward=snapshots[batches + 1], fraction=fraction)
+        restore_snapshot(policy, start, toward=end, fraction=fraction)
         measured.append(diversity(policy))
         within, beyond = (fraction, beyond) if measured[-1] >= floor else (within, fraction)
-    restore_snapshot(policy, snapshots[batches], toward=snapshots[batches + 1], fraction=within)
-    return batches + within, measured
+    restore_snapshot(policy, start, toward=end, fraction=within)
+    return batches + within * (beyond_batches - batches), measured
