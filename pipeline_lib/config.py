@@ -260,22 +260,15 @@ class PPOSection(TrainSection):
         le=1,
         description="Diversity guard: after training, when the policy's greedy responses to the first "
         "distinct_check_prompts training prompts keep less than this share of SFT's distinct-2 on the same prompts, "
-        "PPO goes back batch by batch to the latest policy that keeps it (SFT, where none does). None: no check.",
+        "the trainable weights go back along the straight line to SFT's, to the furthest point measured that keeps "
+        "it (distinct_check_probes bisections; SFT's own weights when none does). None: no check.",
     )
     distinct_check_prompts: int = Field(128, ge=2, description="Training prompts the diversity guard reads (with min_distinct_ratio).")
-    distinct_check_snapshots: int = Field(
-        8,
-        ge=3,
-        description="With min_distinct_ratio: the latest batches whose policies the guard can go back to (copies of the "
-        "trainable weights, on the CPU; SFT's start is always kept, so memory is this many plus one copies); past them "
-        "it goes back to SFT.",
-    )
     distinct_check_probes: int = Field(
-        0,
+        3,
         ge=0,
-        description="With min_distinct_ratio, once the guard has gone back: bisections of the straight line (in the "
-        "trained weights) from the policy it kept to the next one, under the floor; the furthest point measured at or "
-        "above it is kept. Each costs one more measurement. 0: whole batches only.",
+        description="With min_distinct_ratio, once the trained policy is under it: bisections of the line from SFT's "
+        "weights to the trained ones, each one more reading (3: the point kept to an eighth of the way).",
     )
 
     target_kl: float | None = Field(

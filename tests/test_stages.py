@@ -223,78 +223,36 @@ def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None
     with pytest.raises(training.StopTraining, match="episode 64: its rollouts were 5.00 nats"):
         stop.on_log(None, SimpleNamespace(episode=64), None, logs={"objective/kl": 5.0})  # policy 3 is past the limit
     assert policy.weight.item() == 2.0 and stop.stopped_at_episode == 64 and stop.kept_kl == 2.0
-    assert stop.kept_batches == 2  # the diversity guard walks back from here
 
 
-def test_the_diversity_guard_goes_back_to_the_latest_policy_diverse_enough() -> None:
-    """``BatchSnapshots`` keeps the start and each batch's policy on the CPU; ``keep_diverse``
-    measures the newest first and puts back the latest whose distinct-2 ratio reaches the
-    floor, or SFT's (never measured: 1 by definition) when none does; with probes it then
-    bisects the line from the policy kept to the one measured before it."""
+def test_the_diversity_guard_bisects_the_line_to_sft() -> None:
+    """Under the floor, ``keep_diverse`` bisects the line in the weights from SFT's to the
+    trained ones and keeps the furthest point measured at or above it; at or above the
+    floor the trained policy stays; with no probe, SFT's weights."""
     from pipeline_lib.stages.ppo_reward import keep_diverse
 
-    policy, snapshots = policy_through_batches(batches=4, keep=8)
-    assert {batch: s["weight"].item() for batch, s in snapshots.snapshots.items()} == {b: float(b) for b in range(5)}
-    assert all(s["weight"].device.type == "cpu" for s in snapshots.snapshots.values())
-    diversity = lambda model: 1.0 - 0.08 * model.weight.item()  # noqa: E731  batch 4: 0.68, 3: 0.76, 2: 0.84, 1: 0.92
-    kept, measured = keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.79)
-    assert kept == 2 and measured == pytest.approx([0.68, 0.76, 0.84]) and policy.weight.item() == 2.0
+    policy, sft = torch.nn.Linear(1, 1, bias=False), {"weight": torch.zeros(1, 1)}
+    diversity = lambda model: 1.0 - 0.08 * model.weight.item()  # noqa: E731  trained (4): 0.68, SFT (0): 1
     with torch.no_grad():
         policy.weight.fill_(4.0)
-    assert keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.5) == (4, [pytest.approx(0.68)])  # kept as trained
+    # 1/2 of the way (2.0) reads 0.84 and stays, 3/4 (3.0) 0.76, 5/8 (2.5) 0.80.
+    kept, measured = keep_diverse(policy, sft, diversity, floor=0.79, probes=3)
+    assert kept == 0.625 and measured == pytest.approx([0.68, 0.84, 0.76, 0.80]) and policy.weight.item() == pytest.approx(2.5)
+    with torch.no_grad():
+        policy.weight.fill_(4.0)
+    assert keep_diverse(policy, sft, diversity, floor=0.5, probes=3) == (1.0, [pytest.approx(0.68)])  # kept as trained
     assert policy.weight.item() == 4.0
-    kept, measured = keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.99)
-    assert kept == 0 and len(measured) == 4 and policy.weight.item() == 0.0
-    # Two probes on the line from batch 2 (0.84) to batch 3 (0.76): 2.5 reads 0.80 and stays, 2.75 reads 0.78.
-    with torch.no_grad():
-        policy.weight.fill_(4.0)
-    kept, measured = keep_diverse(policy, snapshots.snapshots, 4, diversity, floor=0.79, probes=2)
-    assert kept == 2.5 and measured == pytest.approx([0.68, 0.76, 0.84, 0.80, 0.78])
-    assert policy.weight.item() == pytest.approx(2.5)
-
-
-def test_the_diversity_guard_keeps_a_window_of_batches_and_sft() -> None:
-    """Memory stays at ``keep`` batches plus the start: past the window the guard goes back
-    to SFT, and its probes then run on the line from SFT to the oldest batch it read."""
-    from pipeline_lib.stages.ppo_reward import keep_diverse
-
-    policy, snapshots = policy_through_batches(batches=6, keep=3)
-    assert sorted(snapshots.snapshots) == [0, 4, 5, 6] and snapshots.batches == 6
-    diversity = lambda model: 1.0 - 0.08 * model.weight.item()  # noqa: E731  batch 4: 0.68, 1.5: 0.88
-    kept, measured = keep_diverse(policy, snapshots.snapshots, 6, diversity, floor=0.85, probes=3)
-    # 6, 5, 4 under the floor; SFT to batch 4: 2.0 reads 0.84 (under), 1.0 0.92, 1.5 0.88.
-    assert measured == pytest.approx([0.52, 0.60, 0.68, 0.84, 0.92, 0.88])
-    assert kept == 1.5 and policy.weight.item() == pytest.approx(1.5)
-    assert keep_diverse(policy, snapshots.snapshots, 0, diversity, floor=0.85) == (0.0, [])  # SFT: nothing to read
-
-
-def policy_through_batches(batches: int, keep: int):
-    """A one-weight policy driven through ``batches`` logged batches (weight = batch) with
-    ``BatchSnapshots(keep)`` watching, as a PPO trainer would."""
-    from types import SimpleNamespace
-
-    from pipeline_lib.stages.ppo_reward import BatchSnapshots
-
-    policy = torch.nn.Linear(1, 1, bias=False)
-    snapshots = BatchSnapshots(policy, keep=keep)
-    with torch.no_grad():
-        policy.weight.fill_(0.0)
-    snapshots.on_train_begin(None, None, None)
-    for batch in range(1, batches + 1):
-        with torch.no_grad():
-            policy.weight.fill_(float(batch))
-        snapshots.on_log(None, SimpleNamespace(episode=batch), None, logs={"objective/kl": 1.0})
-        snapshots.on_log(None, None, None, logs={"loss/value_avg": 0.1})  # not a batch's log
-    return policy, snapshots
+    assert keep_diverse(policy, sft, diversity, floor=0.79, probes=0) == (0.0, [pytest.approx(0.68)])
+    assert policy.weight.item() == 0.0
 
 
 def test_ppo_under_its_diversity_floor_goes_back_to_sft(
     tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``ppo.min_distinct_ratio``: when no trained policy's greedy responses keep the floor's
-    share of SFT's distinct-2, the stage measures every batch's policy, newest first, says
-    so, and saves the SFT policy it started from. The real measurement runs; the ratios it
-    returns are scripted (SFT's distinct-2, then a tenth of it for every later policy)."""
+    """``ppo.min_distinct_ratio``: when neither the trained policy's greedy responses nor
+    those of any point on the line back to SFT keep the floor's share of SFT's distinct-2,
+    the stage says so and saves the SFT policy it started from. The real measurement runs;
+    the ratios it returns are scripted (SFT's distinct-2, then a tenth of it)."""
     from pipeline_lib.stages import ppo
 
     measured: list[float] = []
@@ -310,10 +268,11 @@ def test_ppo_under_its_diversity_floor_goes_back_to_sft(
     inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
     with caplog.at_level("WARNING", logger="pipeline_lib.stages.ppo"):
         metrics = ppo.run(config, inputs, tmp_path / "ppo")
-    assert metrics["diversity_kept_batches"] == 0
-    assert any("under ppo.min_distinct_ratio=0.5: keeping the policy 0 of" in r.getMessage() for r in caplog.records)
-    assert metrics["diversity_ratios_measured"] == [0.1] * metrics["logged_losses"]
-    assert len(measured) == metrics["logged_losses"] + 1 and all(0 <= value <= 1 for value in measured)
+    assert metrics["diversity_kept_fraction"] == 0
+    assert any("under ppo.min_distinct_ratio=0.5: keeping the point 0 of the way" in r.getMessage() for r in caplog.records)
+    probes = config.ppo.distinct_check_probes
+    assert probes >= 1 and metrics["diversity_ratios_measured"] == [0.1] * (1 + probes)
+    assert len(measured) == 2 + probes and all(0 <= value <= 1 for value in measured)
     sft, kept = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
     assert sft.keys() == kept.keys() and all(torch.equal(sft[name], kept[name]) for name in sft)
 
@@ -331,7 +290,7 @@ def test_ppo_diversity_guard_is_off_when_sft_has_no_word_pairs(
     inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
     with caplog.at_level("WARNING", logger="pipeline_lib.stages.ppo"):
         metrics = ppo.run(config, inputs, tmp_path / "ppo")
-    assert metrics["diversity_kept_batches"] is None and metrics["diversity_ratios_measured"] is None
+    assert metrics["diversity_kept_fraction"] is None and metrics["diversity_ratios_measured"] is None
     assert any("no word pairs" in r.getMessage() and "guard is off" in r.getMessage() for r in caplog.records)
     sft, trained = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
     assert any(not torch.equal(sft[name], trained[name]) for name in sft)

@@ -20,8 +20,8 @@ last token, mid-sentence for a rollout cut off at ``response_length``; ``EosClos
 closes such rollouts with EOS first, as evaluation does.
 With ``ppo.min_distinct_ratio``, a diversity guard (``keep_diverse`` in ppo_reward.py) reads
 the policy's greedy responses to the training prompts after training and, when they keep
-less than that share of SFT's distinct-2, goes back to the latest batch's policy that
-does (snapshots of the trainable weights, kept on the CPU).
+less than that share of SFT's distinct-2, moves the trainable weights back along the line
+to SFT's (a copy of them kept on the CPU) to the furthest point that keeps it.
 
 Run alone: ``run(config, {"sft": SFT_DIR, "reward": REWARD_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
 """
@@ -55,9 +55,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    from pipeline_lib.stages.callbacks import trainable_snapshot
     from pipeline_lib.stages.ppo_reward import (
         AdaptiveKlCoef,
-        BatchSnapshots,
         EosClosedReward,
         KlEarlyStop,
         keep_diverse,
@@ -131,14 +131,13 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         value_model=value_model,
         train_dataset=train_dataset,
     )
-    guard = None
+    sft_weights = None  # the diversity guard's start: SFT's trainable weights, on the CPU
     if section.min_distinct_ratio is not None:
         # SFT's figure is the policy's before any update (with LoRA, its zero adapters).
         check_prompts = prompts[: section.distinct_check_prompts]
         sft_distinct = greedy_distinct_2(policy, tokenizer, check_prompts, config)
         if sft_distinct > 0:
-            guard = BatchSnapshots(policy, section.distinct_check_snapshots)
-            trainer.add_callback(guard)  # before KlEarlyStop: it snapshots the batch a KL stop ends on too
+            sft_weights = trainable_snapshot(policy, device="cpu")
         else:  # one-word answers, say: no ratio to read, and no reason to fail the stage
             logger.warning(
                 "ppo.min_distinct_ratio: SFT's greedy responses to the first %d training prompts have no word pairs, "
@@ -151,21 +150,20 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     if section.target_kl is not None:  # args.batch_size: rollouts per batch, set by PPOTrainer
         trainer.add_callback(AdaptiveKlCoef(section.target_kl, section.kl_horizon, args.batch_size))
     training.train_resumable("ppo", trainer, out_dir, resume=False)
-    kept_batches, distinct_ratios = None, []
-    if guard is not None:
-        trained = kl_stop.kept_batches if kl_stop is not None and kl_stop.stopped_at_episode is not None else guard.batches
-        kept_batches, distinct_ratios = keep_diverse(
-            policy, guard.snapshots, trained,
+    kept_fraction, distinct_ratios = None, []
+    if sft_weights is not None:
+        kept_fraction, distinct_ratios = keep_diverse(
+            policy, sft_weights,
             lambda model: greedy_distinct_2(model, tokenizer, check_prompts, config) / sft_distinct,
             section.min_distinct_ratio, section.distinct_check_probes,
         )
-        if kept_batches < trained:
+        if kept_fraction < 1:
             logger.warning(
-                "ppo: greedy responses to %d training prompts kept %s of SFT's distinct-2 (in the order measured: "
-                "newest batch first, then points on the line), under ppo.min_distinct_ratio=%s: keeping the policy "
-                "%.3g of %d batches in",
+                "ppo: greedy responses to %d training prompts kept %s of SFT's distinct-2 (the trained policy's first, "
+                "then points on the line from SFT's weights to it), under ppo.min_distinct_ratio=%s: keeping the point "
+                "%.3g of the way from SFT",
                 len(check_prompts), ", ".join(f"{ratio:.3f}" for ratio in distinct_ratios), section.min_distinct_ratio,
-                kept_batches, trained,
+                kept_fraction,
             )
     # --- save: the policy only (TRL's save_model unwraps it from the value model)
     history = [entry for entry in trainer.state.log_history if "objective/scores" in entry]
@@ -185,7 +183,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "reward_mean": reward_mean if section.normalize_reward else None,
         "reward_std": reward_std if section.normalize_reward else None,
         "stopped_early_at_episode": kl_stop.stopped_at_episode if kl_stop else None,
-        "diversity_kept_batches": kept_batches,
+        "diversity_kept_fraction": kept_fraction,
         "diversity_ratios_measured": [round(ratio, 4) for ratio in distinct_ratios] or None,
         "logged_losses": len(history),
         "resumed_from_checkpoint": False,
