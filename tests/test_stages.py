@@ -246,6 +246,59 @@ def test_the_diversity_guard_bisects_the_line_to_sft() -> None:
     assert policy.weight.item() == 0.0
 
 
+def test_the_adaptive_kl_coefficient_follows_ziegler_et_al() -> None:
+    """Under the target the coefficient falls, over it it rises, each by at most 20% of
+    episodes/horizon a batch; TRL reads it from args for the next batch."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.stages.ppo_reward import AdaptiveKlCoef
+
+    args, controller = SimpleNamespace(kl_coef=0.25), AdaptiveKlCoef(target=1.0, horizon=320, episodes_per_batch=32)
+    for kl in (0.0, 0.95, 3.0):
+        controller.on_log(args, None, None, logs={"objective/kl": kl})
+    controller.on_log(args, None, None, logs={"loss/value_avg": 0.1})  # a log without KL changes nothing
+    expected = [0.25 * 0.98, 0.25 * 0.98 * 0.995, 0.25 * 0.98 * 0.995 * 1.02]
+    assert controller.history == pytest.approx(expected) and args.kl_coef == pytest.approx(expected[-1])
+
+
+def test_ppo_with_a_target_kl_moves_its_coefficient(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """A target no rollout reaches (1000 nats) lowers kl_coef by the most a batch may, 20%,
+    after every batch (a horizon of one episode)."""
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.target_kl, config.ppo.kl_horizon = 1000.0, 1
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    assert metrics["logged_losses"] >= 2  # one entry per batch
+    assert metrics["final_kl_coef"] == pytest.approx(config.ppo.kl_coef * 0.8 ** metrics["logged_losses"])
+
+
+def test_ppo_with_a_constant_schedule_updates_every_batch_at_the_peak_rate(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """``lr_scheduler_type: constant``: each batch of rollouts updates at the peak rate, where
+    the default linear schedule (the fixture's PPO run) lowers it batch by batch."""
+    rates = lambda output: [entry["lr"] for entry in logged(output) if "objective/kl" in entry]  # noqa: E731
+    linear = rates(tiny_pipeline.outputs["ppo"])
+    assert len(linear) >= 2 and linear == sorted(linear, reverse=True) and linear[-1] < linear[0]
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.lr_scheduler_type = "constant"
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    assert rates(tmp_path / "ppo") == [config.ppo.learning_rate] * len(linear)
+
+
+def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """With a limit no update can stay within, the stage stops at the second batch (whose
+    rollouts measure the first update), or at the first when SFT's own rollouts measure a
+    rounding error past it, and either way saves the SFT policy it started from."""
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.max_kl = 1e-9
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    batch = config.ppo.per_device_train_batch_size * config.ppo.gradient_accumulation_steps
+    assert metrics["stopped_early_at_episode"] in (batch, 2 * batch)
+    sft, ppo = load_file(tiny_pipeline.outputs["sft"] / "model.safetensors"), load_file(tmp_path / "ppo" / "model.safetensors")
+    assert sft.keys() == ppo.keys() and all(torch.equal(sft[name], ppo[name]) for name in sft)
+
+
 def test_ppo_under_its_diversity_floor_goes_back_to_sft(
     tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
