@@ -30,7 +30,7 @@ class StepProgress(transformers.TrainerCallback):
 def trainable_snapshot(model, device=None) -> dict:
     """A copy of the parameters that train (the top layers, or the LoRA adapters): all a KL
     guard needs to put a policy back, at a fraction of a whole model's memory; on
-    ``device`` (e.g. ``"cpu"``, for guards that keep many), else where they are."""
+    ``device`` (e.g. ``"cpu"``, to keep a copy off the accelerator), else where they are."""
     return {
         name: parameter.detach().to(device, copy=True) if device is not None else parameter.detach().clone()
         for name, parameter in model.named_parameters()
