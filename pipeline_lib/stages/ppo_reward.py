@@ -1,7 +1,7 @@
 """The reward model as PPO reads it (``EosClosedReward``, its scores standardised by
 ``score_statistics``), PPO's early stopping on KL (``KlEarlyStop``), its adaptive KL
-coefficient (``AdaptiveKlCoef``) and its diversity guard (``keep_diverse``), a module of their own so that the PPO stage's module
-imports without torch."""
+coefficient (``AdaptiveKlCoef``) and its diversity guard (``keep_diverse``), a module of
+their own so that the PPO stage's module imports without torch."""
 
 from __future__ import annotations
 
