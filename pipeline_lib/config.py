@@ -189,6 +189,13 @@ class RewardSection(TrainSection):
 class DPOSection(TrainSection):
     beta: float = Field(0.1, gt=0, le=10, description="DPO temperature: how far the policy may move from the reference.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant (TRL's loss_type).")
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Weight of a negative log-likelihood term on the chosen responses added to the DPO loss "
+        "(RPO, Pang et al. 2024; TRL's 'sft' loss). 0: DPO alone.",
+    )
     pair_source: Literal["auto", "data", "policy"] = Field(
         "auto",
         description="'data': data prep's pairs. 'policy' (embedded task only): before training, sample "

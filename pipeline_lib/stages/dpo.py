@@ -127,7 +127,9 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     args = DPOConfig(
         **training.trainer_args("dpo", config, section, out_dir),
         beta=section.beta,
-        loss_type=[section.loss_type],
+        # RPO's added likelihood term is TRL's "sft" loss, weighed against the DPO loss
+        loss_type=[section.loss_type, "sft"] if section.sft_weight else [section.loss_type],
+        loss_weights=[1.0, section.sft_weight] if section.sft_weight else None,
         precompute_ref_log_probs=section.precompute_ref_log_probs,
         max_length=section.max_length,
         eval_strategy="no",
