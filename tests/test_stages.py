@@ -134,6 +134,26 @@ def test_dpo_trains_the_top_layers(tiny_pipeline: TinyPipeline) -> None:
     assert_model_card(output, tiny_pipeline.outputs["sft"], tiny_pipeline.data)
 
 
+def test_dpo_with_a_likelihood_term_raises_the_chosen_responses_more(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """``dpo.sft_weight`` (RPO): the same batches in the same order, but the policy also learns
+    to say the chosen responses, so their log-ratio to SFT (TRL's rewards/chosen) ends higher
+    than DPO alone leaves it."""
+    config = tiny_pipeline.config.model_copy(deep=True)
+    assert config.dpo.sft_weight == 0
+    config.dpo.sft_weight = 5.0
+    inputs = {"sft": tiny_pipeline.outputs["sft"], "data_prep": tiny_pipeline.data}
+    metrics = registry.stage("dpo").run(config, inputs, tmp_path / "dpo")
+
+    def chosen(output: Path) -> list[float]:
+        return [entry["rewards/chosen"] for entry in logged(output) if "rewards/chosen" in entry]
+
+    alone, with_term = chosen(tiny_pipeline.outputs["dpo"]), chosen(tmp_path / "dpo")
+    assert len(alone) == len(with_term) == config.dpo.max_steps
+    assert all(b > a for a, b in zip(alone[1:], with_term[1:])), (alone, with_term)
+    assert metrics["final_reward_margin"] is not None
+    assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], tmp_path / "dpo")
+
+
 def test_ppo_trains_the_policy_top_layers(tiny_pipeline: TinyPipeline) -> None:
     output, metrics = tiny_pipeline.outputs["ppo"], tiny_pipeline.metrics["ppo"]
     assert_loss_logged(output, "loss/policy_avg")
