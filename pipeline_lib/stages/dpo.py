@@ -123,13 +123,13 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     train_dataset = conversational_pairs(rows, config.model.system_prompt)
     train_dataset = shared_dataset(train_dataset, Path(out_dir) / LAUNCH_DIR / "pairs_train")  # several processes only
     policy, parameter_counts = training.prepare_model(policy, "dpo", section)
-    # --- train
+    # --- train: RPO's likelihood term is TRL's "sft" loss, weighed against the DPO loss
+    losses = {section.loss_type: 1.0} | ({"sft": section.sft_weight} if section.sft_weight else {})
     args = DPOConfig(
         **training.trainer_args("dpo", config, section, out_dir),
         beta=section.beta,
-        # RPO's added likelihood term is TRL's "sft" loss, weighed against the DPO loss
-        loss_type=[section.loss_type, "sft"] if section.sft_weight else [section.loss_type],
-        loss_weights=[1.0, section.sft_weight] if section.sft_weight else None,
+        loss_type=list(losses),
+        loss_weights=list(losses.values()),
         precompute_ref_log_probs=section.precompute_ref_log_probs,
         max_length=section.max_length,
         eval_strategy="no",
