@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,11 +53,21 @@ def _smollm2_gguf_dir() -> Path:
     return directory
 
 
+@lru_cache(maxsize=8)
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, read once per process while its size and mtime stay the same."""
+    return sha256_file(path)
+
+
 def base_model_fingerprint(model: ModelSection) -> str:
     """What identifies the base model's weights, for cache keys."""
     if model.name == EMBEDDED_SMOLLM2:
+        # The file's content (98 MB, ~0.2 s), not its mtime: a new virtual environment, or
+        # another machine of a cluster, installs the same weights at another time and must
+        # find the stages already in the store.
         gguf = _smollm2_gguf_dir() / SMOLLM2_GGUF
-        return sha256_text(f"{model.name}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}")
+        stat = gguf.stat()
+        return sha256_text(f"{model.name}:{_file_digest(gguf, stat.st_size, stat.st_mtime_ns)}")
     if model.name == TINY_LLAMA:
         return sha256_text(f"{TINY_LLAMA}:{json.dumps(_tiny_config_kwargs(), sort_keys=True)}")
     local = Path(model.name)

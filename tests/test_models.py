@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,25 @@ def test_tiny_base_model_is_reused_not_rebuilt(tiny_base_model: Path) -> None:
     before = (tiny_base_model / "model.safetensors").stat().st_mtime_ns
     assert materialize_base_model(model_section, tiny_base_model.parent, corpus=[]) == tiny_base_model
     assert (tiny_base_model / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_embedded_model_keys_follow_its_weights_not_when_they_were_installed(tmp_path: Path, monkeypatch) -> None:
+    # A new virtual environment installs the same gguf at another time: the stages already
+    # in the store must keep their keys. Other weights must not.
+    from pipeline_lib import models
+
+    gguf = tmp_path / models.SMOLLM2_GGUF
+    gguf.write_bytes(b"GGUF weights" * 1000)
+    monkeypatch.setattr(models, "_smollm2_gguf_dir", lambda: tmp_path)
+    embedded = ModelSection(name=models.EMBEDDED_SMOLLM2)
+    fingerprint = base_model_fingerprint(embedded)
+
+    reinstalled = gguf.stat().st_mtime_ns + 3_600_000_000_000
+    os.utime(gguf, ns=(reinstalled, reinstalled))
+    assert base_model_fingerprint(embedded) == fingerprint
+
+    gguf.write_bytes(b"other weights" * 1000)
+    assert base_model_fingerprint(embedded) != fingerprint
 
 
 def test_local_directory_is_used_as_the_base_model(tiny_base_model: Path, tmp_path: Path) -> None:
