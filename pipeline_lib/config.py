@@ -274,10 +274,10 @@ class PPOSection(TrainSection):
     distinct_check_probes: int = Field(
         3,
         ge=0,
+        le=8,
         description="With min_distinct_ratio, once the trained policy is under it: bisections of the line from SFT's "
         "weights to the trained ones, each one more reading (3: the point kept to an eighth of the way).",
     )
-
     target_kl: float | None = Field(
         None,
         gt=0,
