@@ -53,10 +53,15 @@ def _smollm2_gguf_dir() -> Path:
     return directory
 
 
-@lru_cache(maxsize=8)
-def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, read once per process while its size and mtime stay the same."""
+@lru_cache(maxsize=256)
+def _cached_digest(path: Path, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's content, read once per process while its size and mtime stay the same."""
+    stat = path.stat()
+    return _cached_digest(path, stat.st_size, stat.st_mtime_ns)
 
 
 def base_model_fingerprint(model: ModelSection) -> str:
@@ -65,14 +70,12 @@ def base_model_fingerprint(model: ModelSection) -> str:
         # The file's content (98 MB, ~0.2 s), not its mtime: a new virtual environment, or
         # another machine of a cluster, installs the same weights at another time and must
         # find the stages already in the store.
-        gguf = _smollm2_gguf_dir() / SMOLLM2_GGUF
-        stat = gguf.stat()
-        return sha256_text(f"{model.name}:{_file_digest(gguf, stat.st_size, stat.st_mtime_ns)}")
+        return sha256_text(f"{model.name}:{_file_digest(_smollm2_gguf_dir() / SMOLLM2_GGUF)}")
     if model.name == TINY_LLAMA:
         return sha256_text(f"{TINY_LLAMA}:{json.dumps(_tiny_config_kwargs(), sort_keys=True)}")
     local = Path(model.name)
     if local.is_dir():
-        return sha256_text("".join(sha256_file(path) for path in sorted(local.glob("*")) if path.is_file()))
+        return sha256_text("".join(_file_digest(path) for path in sorted(local.glob("*")) if path.is_file()))
     return sha256_text(f"hub:{model.name}@{model.revision or 'main'}")
 
 
