@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,15 +54,53 @@ def _smollm2_gguf_dir() -> Path:
     return directory
 
 
+# Files this large keep their digest on disk too (``_stored_digest``): an 8B model's 16 GB
+# of safetensors take the better part of a minute to hash, and every process that plans
+# a run (a dry run, each stage's process on a work pool) would otherwise hash them again.
+DISK_CACHED_BYTES = 64 << 20
+
+
+def digest_cache_dir() -> Path:
+    """Where file digests are kept between processes: ``$XDG_CACHE_HOME/rlhf-pipeline``
+    (``~/.cache`` when unset), as pip and the hub's libraries keep theirs."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlhf-pipeline" / "file-digests"
+
+
 @lru_cache(maxsize=256)
-def _cached_digest(path: Path, size: int, mtime_ns: int) -> str:
-    return sha256_file(path)
+def _cached_digest(path: Path, identity: tuple[int, ...]) -> str:
+    if identity[2] < DISK_CACHED_BYTES:  # identity[2]: the size
+        return sha256_file(path)
+    return _stored_digest(path, identity)
+
+
+def _stored_digest(path: Path, identity: tuple[int, ...]) -> str:
+    """sha256 of a large file, from a record kept under ``digest_cache_dir`` for this very
+    file: its path, device, inode, size, mtime and ctime (ctime changes on every write and
+    no tool can set it back, so a file rewritten in place never reads a stale record)."""
+    record = digest_cache_dir() / sha256_text(f"{path}:{identity}")
+    try:
+        stored = record.read_text().strip()
+        if len(stored) == 64 and all(c in "0123456789abcdef" for c in stored):
+            return stored
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    try:  # written whole or not at all: two processes hashing the same file write the same record
+        record.parent.mkdir(parents=True, exist_ok=True)
+        partial = record.with_name(f"{record.name}.{os.getpid()}.partial")
+        partial.write_text(digest)
+        os.replace(partial, record)
+    except OSError as error:  # a read-only home costs the next process the hash again, nothing more
+        logger.debug("could not keep the digest of %s under %s: %s", path, digest_cache_dir(), error)
+    return digest
 
 
 def _file_digest(path: Path) -> str:
-    """sha256 of a file's content, read once per process while its size and mtime stay the same."""
+    """sha256 of a file's content, read once per process while the file stays the same, and
+    once per machine for large files."""
+    path = path.resolve()
     stat = path.stat()
-    return _cached_digest(path, stat.st_size, stat.st_mtime_ns)
+    return _cached_digest(path, (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
 
 
 def base_model_fingerprint(model: ModelSection) -> str:

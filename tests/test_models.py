@@ -105,6 +105,32 @@ def test_embedded_model_keys_follow_its_weights_not_when_they_were_installed(tmp
     assert base_model_fingerprint(embedded) != fingerprint
 
 
+def test_large_weights_are_hashed_once_per_machine_not_once_per_process(tmp_path: Path, monkeypatch) -> None:
+    # An 8B model's safetensors take most of a minute to hash: a second process (here, the
+    # in-process cache cleared) reads the digest kept on disk; a rewritten file is hashed again.
+    from pipeline_lib import models
+
+    local = tmp_path / "my-model"
+    local.mkdir()
+    weights = local / "model.safetensors"
+    weights.write_bytes(b"weights" * 1000)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "DISK_CACHED_BYTES", 1000)  # this file counts as large
+    hashed: list[Path] = []
+    real_sha256_file = models.sha256_file
+    monkeypatch.setattr(models, "sha256_file", lambda path: hashed.append(path) or real_sha256_file(path))
+    section = ModelSection(name=str(local))
+
+    fingerprint = base_model_fingerprint(section)
+    assert hashed == [weights] and len(list(models.digest_cache_dir().iterdir())) == 1
+    models._cached_digest.cache_clear()  # a new process
+    assert base_model_fingerprint(section) == fingerprint and hashed == [weights]
+
+    weights.write_bytes(b"trained " * 1000)
+    models._cached_digest.cache_clear()
+    assert base_model_fingerprint(section) != fingerprint and hashed == [weights, weights]
+
+
 def test_local_directory_is_used_as_the_base_model(tiny_base_model: Path, tmp_path: Path) -> None:
     local = tmp_path / "my-model"
     shutil.copytree(tiny_base_model, local)
