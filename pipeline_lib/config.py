@@ -278,6 +278,13 @@ class PPOSection(TrainSection):
         description="With min_distinct_ratio, once the trained policy is under it: bisections of the line from SFT's "
         "weights to the trained ones, each one more reading (3: the point kept to an eighth of the way).",
     )
+    average_last_batches: int | None = Field(
+        None,
+        ge=2,
+        description="Tail averaging: the policy kept is the mean of its trainable weights after each of the last this "
+        "many rollout batches (Polyak averaging of PPO's iterates), not the last batch's alone; before the diversity "
+        "guard reads it. None: the last batch's policy.",
+    )
     target_kl: float | None = Field(
         None,
         gt=0,

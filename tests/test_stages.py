@@ -266,6 +266,25 @@ def test_the_diversity_guard_bisects_the_line_to_sft() -> None:
     assert policy.weight.item() == 0.0
 
 
+def test_tail_averaging_keeps_the_mean_of_the_last_batches_policies() -> None:
+    """With 4 batches and the last 3 averaged, the policy kept is the mean of the policies
+    after batches 2, 3 and 4 (read when TRL logs each batch's KL); frozen weights are left
+    alone and the mean is taken in float32 whatever the weights' dtype."""
+    from pipeline_lib.stages.ppo_reward import TailAverage
+
+    policy = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False), torch.nn.Linear(1, 1, bias=False)).to(torch.bfloat16)
+    policy[0].weight.requires_grad_(False)
+    tail = TailAverage(policy, batches=3, total_batches=4)
+    for batch, value in enumerate([10.0, 1.0, 2.0, 4.5], start=1):
+        with torch.no_grad():
+            policy[1].weight.fill_(value)
+        tail.on_log(None, None, None, logs={"objective/kl": 0.1 * batch})
+        tail.on_log(None, None, None, logs={"loss/value_avg": 0.1})  # a log without KL is no batch
+    assert tail.apply() == 3
+    assert policy[1].weight.item() == pytest.approx(2.5) and policy[1].weight.dtype == torch.bfloat16
+    assert policy[0].weight.requires_grad is False and tail.mean.keys() == {"1.weight"}
+
+
 def test_the_adaptive_kl_coefficient_follows_ziegler_et_al() -> None:
     """Under the target the coefficient falls, over it it rises, each by at most 20% of
     episodes/horizon a batch; TRL reads it from args for the next batch."""
@@ -303,6 +322,35 @@ def test_ppo_with_a_constant_schedule_updates_every_batch_at_the_peak_rate(tiny_
     inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
     registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
     assert rates(tmp_path / "ppo") == [config.ppo.learning_rate] * len(linear)
+
+
+def test_ppo_with_tail_averaging_saves_the_mean_of_its_last_batches_policies(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ppo.average_last_batches: 2``: the saved policy's trained layers are the mean of the
+    policies after the last two batches (read as the run goes), not the last batch's."""
+    from pipeline_lib.stages import ppo_reward
+    from pipeline_lib.stages.callbacks import trainable_snapshot
+
+    after_each_batch: list[dict] = []
+    real_on_log = ppo_reward.TailAverage.on_log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        real_on_log(self, args, state, control, logs=logs, **kwargs)
+        if "objective/kl" in (logs or {}):
+            after_each_batch.append(trainable_snapshot(self.policy, device="cpu"))
+
+    monkeypatch.setattr(ppo_reward.TailAverage, "on_log", on_log)
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.average_last_batches = 2
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    metrics = registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    assert metrics["batches_averaged"] == 2 and len(after_each_batch) >= 2
+    saved = load_file(tmp_path / "ppo" / "model.safetensors")
+    last, before_last = after_each_batch[-1], after_each_batch[-2]
+    assert last.keys() <= saved.keys() and any(not torch.equal(last[name], before_last[name]) for name in last)
+    for name in last:
+        assert torch.allclose(saved[name].float(), (last[name].float() + before_last[name].float()) / 2, atol=1e-6), name
 
 
 def test_ppo_stops_early_on_kl_and_keeps_sft_when_the_first_update_is_too_far(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ TRL treats every pad id as padding, so the tokenizer's pad must differ from EOS
 would be masked and the reward read one token off. TRL reads the reward at a rollout's
 last token, mid-sentence for a rollout cut off at ``response_length``; ``EosClosedReward`` (ppo_reward.py)
 closes such rollouts with EOS first, as evaluation does.
+With ``ppo.average_last_batches``, the policy kept is the mean of the policies after the
+last few rollout batches (``TailAverage`` in ppo_reward.py), not the last one alone.
 With ``ppo.min_distinct_ratio``, a diversity guard (``keep_diverse`` in ppo_reward.py) reads
 the policy's greedy responses to the training prompts after training and, when they keep
 less than that share of SFT's distinct-2, moves the trainable weights back along the line
@@ -60,6 +62,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         AdaptiveKlCoef,
         EosClosedReward,
         KlEarlyStop,
+        TailAverage,
         keep_diverse,
         rescale_value_head,
         score_statistics,
@@ -149,7 +152,19 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         trainer.add_callback(kl_stop)
     if section.target_kl is not None:  # args.batch_size: rollouts per batch, set by PPOTrainer
         trainer.add_callback(AdaptiveKlCoef(section.target_kl, section.kl_horizon, args.batch_size))
+    tail = None
+    if section.average_last_batches is not None:  # args.num_total_batches: set by PPOTrainer too
+        tail = TailAverage(policy, section.average_last_batches, args.num_total_batches)
+        trainer.add_callback(tail)
     training.train_resumable("ppo", trainer, out_dir, resume=False)
+    averaged = None
+    if tail is not None:
+        if kl_stop is not None and kl_stop.stopped_at_episode is not None:
+            # The KL stop put back the last policy within ppo.max_kl, a bound the mean was not measured against.
+            logger.info("ppo: stopped on KL, so the policy kept is the last one within ppo.max_kl, not a tail average")
+        else:
+            averaged = tail.apply()
+            logger.info("ppo: keeping the mean of the policies after the last %d rollout batches", averaged)
     kept_fraction, distinct_ratios = None, []
     if sft_weights is not None:
         kept_fraction, distinct_ratios = keep_diverse(
@@ -183,6 +198,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "reward_mean": reward_mean if section.normalize_reward else None,
         "reward_std": reward_std if section.normalize_reward else None,
         "stopped_early_at_episode": kl_stop.stopped_at_episode if kl_stop else None,
+        "batches_averaged": averaged,
         "diversity_kept_fraction": kept_fraction,
         "diversity_ratios_measured": [round(ratio, 4) for ratio in distinct_ratios] or None,
         "logged_losses": len(history),
