@@ -200,10 +200,7 @@ class TailAverage(transformers.TrainerCallback):
     def apply(self) -> int:
         """Put the mean in the policy; returns how many batches' policies it averaged."""
         if self.averaged > 1:
-            with torch.no_grad():
-                for name, parameter in self.policy.named_parameters():
-                    if name in self.mean:
-                        parameter.copy_(self.mean[name].to(parameter.device, parameter.dtype))
+            restore_snapshot(self.policy, self.mean)  # copy_ casts to each parameter's device and dtype
         return self.averaged
 
 
