@@ -63,10 +63,10 @@ PRELOAD_LIBRARIES = [
 # glibc's malloc serves every block over its mmap threshold (128 KiB, adapting up to 32 MiB)
 # with a fresh mmap and unmaps it on free, so each large tensor a CPU stage allocates costs a
 # page fault per 4 KiB it touches. Sampling allocates several per decoded token (the next
-# token's logits for 320 sequences alone are 63 MB): on data prep's and DPO's sampling a
-# quarter of the CPU time went to the kernel. With mmap off (large blocks come from the heap
-# and go back to it) the same sampling took 24.4 -> 17.2 s on 2 threads, 80 -> 67 s on one,
-# the same tokens to the bit. Only without a CUDA GPU: there the tensors live on the device,
+# token's logits for 320 sequences alone are 63 MB): while DPO sampled, a quarter of its CPU
+# time went to the kernel. With mmap off (large blocks come from the heap and go back to it)
+# sampling 32 prompts x 10 took 24.4 -> 17.2 s on 2 threads (64 x 10 on one, with a 4 GiB
+# trim threshold: 80 -> 67 s), the same tokens to the bit. Only without a CUDA GPU: there the tensors live on the device,
 # and a host heap that keeps freed blocks would hold on to a large model's loading buffers.
 # The heap's top is still given back past 1 GiB free. A user's own MALLOC_* or
 # GLIBC_TUNABLES settings are left as they are. Read by glibc when a process starts, so set
