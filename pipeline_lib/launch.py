@@ -66,11 +66,12 @@ PRELOAD_LIBRARIES = [
 # token's logits for 320 sequences alone are 63 MB): while DPO sampled, a quarter of its CPU
 # time went to the kernel. With mmap off (large blocks come from the heap and go back to it)
 # sampling 32 prompts x 10 took 24.4 -> 17.2 s on 2 threads (64 x 10 on one, with a 4 GiB
-# trim threshold: 80 -> 67 s), the same tokens to the bit. Only without a CUDA GPU: there the tensors live on the device,
-# and a host heap that keeps freed blocks would hold on to a large model's loading buffers.
-# The heap's top is still given back past 1 GiB free. A user's own MALLOC_* or
-# GLIBC_TUNABLES settings are left as they are. Read by glibc when a process starts, so set
-# here, before the fork server is spawned; other C libraries ignore them.
+# trim threshold: 80 -> 67 s), the same tokens to the bit. Only without a CUDA GPU: there
+# the tensors live on the device, and a host heap that keeps freed blocks would hold on to a
+# large model's loading buffers. The heap's top is still given back past 1 GiB free. A
+# user's own MALLOC_* or GLIBC_TUNABLES settings are left as they are. glibc reads them when
+# a process starts, so they are in the environment the fork server starts with, and only
+# there: the flow's own environment stays as the user gave it.
 CPU_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 _context: multiprocessing.context.ForkServerContext | None = None
 _live: set = set()  # stage processes running now, for stop_all_stages
@@ -94,11 +95,16 @@ def _fork_server() -> multiprocessing.context.ForkServerContext:
         stage_modules = [f"{stage_package.__name__}.{info.name}" for info in pkgutil.iter_modules(stage_package.__path__)]
         # PPO lives in trl.experimental (see stages/ppo.py); its import warning says nothing new.
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        import multiprocessing.forkserver
+        from unittest import mock
+
         import torch
 
-        os.environ.update(cpu_malloc_env(os.environ, torch.cuda.is_available()))
         _context = multiprocessing.get_context("forkserver")
         _context.set_forkserver_preload([*PRELOAD_LIBRARIES, "pipeline_lib.registry", *stage_modules, __name__])
+        # The standard library's scoped environment: set for the spawn, then as it was.
+        with mock.patch.dict(os.environ, cpu_malloc_env(os.environ, torch.cuda.is_available())):
+            multiprocessing.forkserver.ensure_running()  # spawned now, with those settings
     return _context
 
 
