@@ -131,12 +131,14 @@ def _decode(
             # Encode each prompt once, not once per copy: a 28-token prompt costs as much as
             # the 24 tokens sampled after it. All but its last token go into the KV cache,
             # which is then repeated for the copies; generate encodes only what is not cached.
+            # Only the cache is wanted: logits for one position, not 27 x 49k floats per prompt.
             from transformers import DynamicCache
 
             cache = DynamicCache(config=model.config)
             prefix_mask = mask[:, :-1]
             positions = (prefix_mask.cumsum(-1) - 1).clamp_(min=0)
-            model(input_ids=ids[:, :-1], attention_mask=prefix_mask, position_ids=positions, cache=cache, use_cache=True)
+            model(input_ids=ids[:, :-1], attention_mask=prefix_mask, position_ids=positions, cache=cache, use_cache=True,
+                  logits_to_keep=1)
             cache.batch_repeat_interleave(copies)
             ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
         output = model.generate(
