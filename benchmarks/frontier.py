@@ -148,7 +148,7 @@ def plot_frontier(points: list[dict], path: Path, title: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
-    parser.add_argument("--beta", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.4], help="DPO betas (the preset's: 0.1)")
+    parser.add_argument("--beta", type=float, nargs="*", default=[0.05, 0.1, 0.2, 0.4], help="DPO betas (the preset's: 0.2)")
     parser.add_argument("--kl-coef", type=float, nargs="*", default=[0.12, 0.25, 0.5],
                         help="PPO kl_coef values (the preset's: 0.25)")
     parser.add_argument("--seed", type=int, default=0)

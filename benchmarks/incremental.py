@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default")
     parser.add_argument("--output-root", type=Path, default=REPO / ".data" / "incremental")
-    parser.add_argument("--beta", type=float, default=0.2, help="the changed setting: dpo.beta=BETA (must differ from the preset's)")
+    parser.add_argument("--beta", type=float, default=0.3, help="the changed setting: dpo.beta=BETA (must differ from the preset's)")
     parser.add_argument("--keep", action="store_true", help="keep the output root (the 'full run' is then whatever is left to do)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ interval reaches the floor; exits 0 when every seed meets every floor, 1 otherwi
     . .venv/bin/activate
     python benchmarks/quality.py                        # default preset, seeds 0 1 2 3 4
     python benchmarks/quality.py --seeds 5 6            # other seeds; ~8 min a seed on 2 cores
-    python benchmarks/quality.py --seeds 0 --set dpo.beta=0.2
+    python benchmarks/quality.py --seeds 0 --set dpo.beta=0.3
     python benchmarks/quality.py --preset tiny --seeds 0 1   # the logic, in a minute or two
     python benchmarks/quality.py --reuse                # re-print from finished runs
 

@@ -17,7 +17,7 @@ reruns from that stage on, reusing earlier stages' outputs; --resume keeps stage
     . .venv/bin/activate
     python benchmarks/stages.py                                   # default preset, .data/bench
     python benchmarks/stages.py --preset tiny --output-root /tmp/b --set tracking.mode=disabled
-    python benchmarks/stages.py --set dpo.beta=0.2 --set ppo.total_episodes=128
+    python benchmarks/stages.py --set dpo.beta=0.3 --set ppo.total_episodes=128
     python benchmarks/stages.py --from-stage dpo --resume --config my.yaml
 """
 

@@ -2,7 +2,7 @@
 
     python flows/rlhf.py                        # the default preset, offline, embedded model
     python flows/rlhf.py --preset tiny --dry-run
-    python flows/rlhf.py --set dpo.beta=0.2 --stages dpo,evaluate
+    python flows/rlhf.py --set dpo.beta=0.3 --stages dpo,evaluate
     python flows/rlhf.py --force reward         # re-run reward and everything after it
     python flows/rlhf.py --set execution.runner=ray --set execution.ray_address=head:6379
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", dest="config_file", help="YAML file whose sections override the preset")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-        help="override one setting, e.g. --set dpo.beta=0.2, --set adapter=lora (LoRA on every training stage), "
+        help="override one setting, e.g. --set dpo.beta=0.3, --set adapter=lora (LoRA on every training stage), "
         "--set precision=bf16 (repeatable); see .env.example for every field",
     )
     parser.add_argument(
@@ -116,7 +116,7 @@ class RunParameters(BaseModel):
     preset: Preset = Field(Preset("default"), description="Starting configuration: tiny (tests), default (embedded, CPU), tldr (hub).")
     config_file: str | None = Field(None, description="A YAML file whose sections override the preset.")
     overrides: list[str] = Field(
-        default_factory=list, description="Dotted overrides applied last, e.g. 'dpo.beta=0.2', 'sft.top_k=0'."
+        default_factory=list, description="Dotted overrides applied last, e.g. 'dpo.beta=0.3', 'sft.top_k=0'."
     )
     stages: list[Stage] = Field(
         default_factory=list,
