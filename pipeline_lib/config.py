@@ -224,7 +224,8 @@ class DPOSection(TrainSection):
         None,
         gt=0,
         description="Early stopping on KL: every kl_check_steps steps, sample one response per training prompt "
-        "(the first kl_check_prompts) from the policy and estimate KL(policy || SFT) as evaluation does; the first "
+        "(the first kl_check_prompts) from the policy and estimate KL(policy || SFT) along them (the exact KL of the "
+        "next-token distributions at each position, summed; evaluation's KL in expectation, with less noise); the first "
         "time it is past this, training stops and goes back towards the last policy measured within it (kl_check_probes). "
         "None: never measure.",
     )

@@ -179,8 +179,8 @@ def policy_kl(
 ) -> list[float]:
     """Per-prompt KL(policy || reference) (``sampled_kl``) from ``samples_per_prompt``
     responses sampled from ``policy`` at temperature 1; ``reference_logprobs(pairs)`` scores
-    the same (prompt ids, response ids) under the reference. Evaluation's KL to SFT and
-    DPO's KL guard both read this one estimate."""
+    the same (prompt ids, response ids) under the reference. Evaluation's KL to SFT; DPO's KL
+    guard reads the same KL along its samples with less noise (``stages.dpo_kl.token_kls``)."""
     from pipeline_lib.generation import sample_response_ids
 
     pairs, policy_logprobs = sample_response_ids(

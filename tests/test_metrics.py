@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.generation import InverseCdfSampler, generate_responses, sample_response_ids, token_logprobs
+from pipeline_lib.generation import (
+    InverseCdfSampler,
+    chat_prompt_ids,
+    generate_responses,
+    sample_response_ids,
+    token_logprobs,
+)
 from pipeline_lib.metrics import (
     bootstrap_interval,
     distinct_n,
@@ -23,6 +29,7 @@ from pipeline_lib.metrics import (
     win_rate,
 )
 from pipeline_lib.models import load_causal_lm, load_tokenizer
+from pipeline_lib.stages.dpo_kl import token_kls
 from pipeline_lib.stages.evaluate import flatten_metrics, policy_row, render_report
 
 
@@ -180,6 +187,47 @@ def test_sampled_kl_is_zero_against_itself_and_positive_against_another_model(ti
     assert sampled_kl(policy_logprobs, token_logprobs(policy, pairs, tokenizer.pad_token_id), 4) == pytest.approx([0.0] * 3, abs=1e-4)
     to_other = sampled_kl(policy_logprobs, token_logprobs(other, pairs, tokenizer.pad_token_id), 4)
     assert sum(to_other) / len(to_other) > 0.1
+
+
+def test_token_kls_read_the_same_kl_as_the_sampled_log_ratio_with_the_draw_averaged_out(tiny_base_model: Path) -> None:
+    """DPO's KL guard reads the exact per-position KLs along sampled responses: 0 against
+    the model itself; for a one-token response, the KL of the first token's distributions
+    whichever token was drawn; the same in a padded batch as alone; and over many samples
+    the same mean as the sampled log-ratio (k1), with a smaller spread per response."""
+    from statistics import fmean, pstdev
+
+    tokenizer = load_tokenizer(tiny_base_model)
+    policy, other = load_causal_lm(tiny_base_model), load_causal_lm(tiny_base_model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in other.model.layers[-1].mlp.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+
+    def logits_of(model):
+        return lambda ids, mask, keep: model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+
+    pad = tokenizer.pad_token_id
+    prompt = chat_prompt_ids(tokenizer, "Review the movie 'A'.")
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+        logq = torch.log_softmax(other(input_ids=torch.tensor([prompt])).logits[0, -1], -1)
+    first_token_kl = float((logp.exp() * (logp - logq)).sum())
+    assert first_token_kl > 0.01
+    assert token_kls(policy, logits_of(other), [(prompt, [20]), (prompt, [100])], pad) == pytest.approx([first_token_kl] * 2, rel=1e-4)
+
+    pairs = [([1, 5, 9, 11], [20, 21]), ([1, 7], [30, 31, 32, 33]), ([1, 2, 3, 4, 5, 6], [40]), ([1, 2], [])]
+    batched = token_kls(policy, logits_of(other), pairs, pad, batch_size=4)
+    assert batched == pytest.approx([token_kls(policy, logits_of(other), [pair], pad)[0] for pair in pairs], rel=1e-4, abs=1e-5)
+    assert batched[-1] == 0.0 and all(value > 0 for value in batched[:-1])
+    assert token_kls(policy, logits_of(policy), pairs, pad) == pytest.approx([0.0] * 4, abs=1e-5)
+
+    prompts = ["Review the movie 'A'.", "Review the novel 'B'.", "Review the hotel 'C'.", "Review the play 'D'."]
+    sampled, sampled_logprobs = sample_response_ids(policy, tokenizer, prompts, 256, 8, batch_size=64, seed=1)
+    log_ratios = sequence_kl(sampled_logprobs, token_logprobs(other, sampled, pad, batch_size=64))
+    along = token_kls(policy, logits_of(other), sampled, pad, batch_size=64)
+    # k1's standard error over these 1024 responses is ~0.02 nats on a KL of ~0.21; token_kls' ~0.0005.
+    assert abs(fmean(along) - fmean(log_ratios)) < 3 * pstdev(log_ratios) / len(log_ratios) ** 0.5
+    assert pstdev(along) < 0.2 * pstdev(log_ratios)
 
 
 def test_the_sampler_draws_from_the_softmax_at_its_temperature() -> None:

@@ -85,20 +85,19 @@ def policy_pairs(config: PipelineConfig, policy, tokenizer, data_dir: Path, out_
 def kl_guard(config: PipelineConfig, policy, reference, tokenizer, rows: list[dict[str, str]]):
     """``dpo.max_kl``'s early stopping, measured on the first ``kl_check_prompts`` training
     prompts, sampled and scored ``evaluate.batch_size`` at a time as evaluation's KL is."""
-    from pipeline_lib.generation import token_logprobs
     from pipeline_lib.stages.dpo_kl import SampledKlStop
 
     section, batch_size = config.dpo, config.evaluate.batch_size
 
-    def reference_logprobs(pairs):
+    def reference_logits(ids, attention_mask, logits_to_keep):
         if reference is not None:
-            return token_logprobs(reference, pairs, tokenizer.pad_token_id, batch_size)
+            return reference(input_ids=ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep).logits
         with policy.disable_adapter():  # LoRA: the reference is the policy without its adapter
-            return token_logprobs(policy, pairs, tokenizer.pad_token_id, batch_size)
+            return policy(input_ids=ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep).logits
 
     prompts = list(dict.fromkeys(row["prompt"] for row in rows))[: section.kl_check_prompts]
     return SampledKlStop(
-        policy, reference_logprobs, tokenizer, prompts, section.max_kl, section.kl_check_steps,
+        policy, reference_logits, tokenizer, prompts, section.max_kl, section.kl_check_steps,
         section.kl_check_tokens, config.seed, config.model.system_prompt, batch_size, section.kl_check_probes,
     )
 
