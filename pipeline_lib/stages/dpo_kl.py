@@ -35,8 +35,8 @@ def token_kls(model, reference_logits, pairs: list[tuple[list[int], list[int]]],
     one response to each of 32 prompts from a DPO policy (seed 15's), drawn eight times,
     read 2.39 nats on the mean with a standard deviation of 0.09 over the draws this way,
     against 2.54 and 0.47 from the log-ratio of the same responses. It costs one forward
-    pass of ``model`` more (the log-ratio reads the policy's log-probabilities off its sampler). Only the response positions' logits are computed (``logits_to_keep``):
-    a full-vocabulary distribution per position is what it needs."""
+    pass of ``model`` more (the log-ratio reads the policy's log-probabilities off its
+    sampler); only the response positions' logits are computed (``logits_to_keep``)."""
     import torch
 
     from pipeline_lib.generation import _autocast_for, _left_pad
