@@ -97,9 +97,9 @@ def test_edits_change_exactly_the_stages_that_run_the_code(project_copy: Path) -
     assert changed_by("pipeline_lib/stages/ppo.py") == {"ppo"}
     assert changed_by("pipeline_lib/stages/training.py") == everything - {"data_prep"}
     assert changed_by("pipeline_lib/generation.py") == everything
-    # DPO's KL guard estimates its KL with metrics.sampled_kl, PPO's diversity guard reads
-    # metrics.distinct_n; SFT and GRPO never read metrics.
-    assert changed_by("pipeline_lib/metrics.py") == {"reward", "dpo", "ppo", "evaluate"}
+    # PPO's diversity guard reads metrics.distinct_n; DPO's KL guard estimates its KL in
+    # stages/dpo_kl.py (token_kls), and SFT and GRPO never read metrics.
+    assert changed_by("pipeline_lib/metrics.py") == {"reward", "ppo", "evaluate"}
     assert changed_by("pipeline_lib/stages/dpo_kl.py") == {"dpo"}
     # How stages are found and ordered is not code any stage runs.
     assert changed_by("pipeline_lib/registry.py") == set()
