@@ -46,9 +46,6 @@ def token_kls(model, reference_logits, pairs: list[tuple[list[int], list[int]]],
     for start in progress.batches(len(pairs), batch_size, "KL along responses"):
         batch = pairs[start : start + batch_size]
         longest = max(len(answer) for _, answer in batch)
-        if not longest:
-            totals.extend(0.0 for _ in batch)
-            continue
         ids, mask = _left_pad([prompt + answer for prompt, answer in batch], pad_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         # Left padding puts every response at the end: the last `longest` positions predict them.
@@ -58,7 +55,7 @@ def token_kls(model, reference_logits, pairs: list[tuple[list[int], list[int]]],
         logp, logq = torch.log_softmax(logits.float(), dim=-1), torch.log_softmax(reference.float(), dim=-1)
         per_position = (logp.exp() * (logp - logq)).sum(-1)
         for row, (_, answer) in enumerate(batch):
-            totals.append(float(per_position[row, longest - len(answer) :].sum()) if answer else 0.0)
+            totals.append(float(per_position[row, longest - len(answer) :].sum()))  # an empty response sums to 0
     return totals
 
 
