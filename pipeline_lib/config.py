@@ -95,7 +95,16 @@ class DataSection(Section):
         1, ge=1, le=120, description="Embedded task: DPO pairs kept per prompt, widest oracle gap first (1 = best against worst)."
     )
     reward_pairs_per_prompt: int = Field(
-        1, ge=1, le=120, description="Embedded task: reward-model pairs kept per prompt, widest oracle gap first."
+        1, ge=1, le=1024, description="Embedded task: reward-model pairs kept per prompt, widest oracle gap first."
+    )
+    reward_pair_margin: float | None = Field(
+        None,
+        ge=0,
+        le=2,
+        description="Embedded task: minimum oracle-score gap of the reward model's training pairs (None: pair_margin). "
+        "A lower margin ranks more pairs of the same texts, at almost no cost (the reward stage forwards each text "
+        "once per prompt, however many pairs it is in). Held-out pairs keep pair_margin, so the accuracy is judged "
+        "on the same pairs whatever this is.",
     )
     reward_prefix_fractions: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         [],

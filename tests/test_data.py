@@ -482,3 +482,22 @@ def test_prefix_pairs_join_the_reward_training_pairs_only(
     assert ("It was", "It was awful and boring.") in pairs  # a sample against its own prefix: only the cut words differ
     for name in ("pairs_train", "pairs_eval", "sft_train", "sft_eval", "reward_eval"):
         assert (out_dir / f"{name}.jsonl").read_text() == (plain_dir / f"{name}.jsonl").read_text(), name
+
+
+def test_a_lower_reward_pair_margin_adds_closer_training_pairs_and_leaves_the_held_out_pairs_as_they_were(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.reward_pair_margin: the reward model's training pairs are ranked at that margin;
+    DPO, SFT and the held-out pairs that judge the reward model keep pair_margin."""
+    _, plain_dir, _ = _prepare_from_samples(tiny_config, tmp_path / "plain", monkeypatch, reward_pairs_per_prompt=100)
+    _, out_dir, _ = _prepare_from_samples(
+        tiny_config, tmp_path / "close", monkeypatch, reward_pairs_per_prompt=100, reward_pair_margin=0.05
+    )
+    plain = read_jsonl(plain_dir / "reward_train.jsonl")
+    close = read_jsonl(out_dir / "reward_train.jsonl")
+    gaps = [row["chosen_score"] - row["rejected_score"] for row in close]
+    assert min(gaps) >= 0.05 and any(gap < 0.3 for gap in gaps)  # pairs pair_margin (0.3) would have dropped
+    assert {(r["chosen"], r["rejected"]) for r in plain} < {(r["chosen"], r["rejected"]) for r in close}
+    assert len(close) == len(read_jsonl(out_dir / "prompts_train.jsonl")) * len(sentiment_task.rank_samples("p", SAMPLES, 0.05, 100))
+    for name in ("pairs_train", "pairs_eval", "sft_train", "sft_eval", "reward_eval"):
+        assert (out_dir / f"{name}.jsonl").read_text() == (plain_dir / f"{name}.jsonl").read_text(), name

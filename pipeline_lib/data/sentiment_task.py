@@ -157,13 +157,14 @@ def sample_pairs(
     samples_per_prompt: int,
     prefix_fractions: Sequence[float] = (),
     phase: str = "sampling",
+    reward_margin: float | None = None,
 ) -> tuple[list[dict], list[dict], dict[str, float]]:
     """Sample ``model``, rank with the oracle: (policy pairs, reward pairs, stats).
 
     ``data`` is the config's data section (temperature, length, margin, pairs kept);
     ``phase`` labels the progress records (the stage that samples).
-    Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes;
-    policy pairs over the samples alone."""
+    Reward pairs are ranked over the samples and their ``prefix_fractions`` word prefixes,
+    at ``reward_margin`` (None: ``data.pair_margin``); policy pairs over the samples alone."""
     from pipeline_lib import progress
     from pipeline_lib.generation import generate_responses
 
@@ -183,7 +184,9 @@ def sample_pairs(
     for prompt, texts in zip(prompts, samples):
         policy_pairs += rank_samples(prompt, texts, data.pair_margin, data.pairs_per_prompt)
         prefixes = [prefix for text in texts for prefix in word_prefixes(text.strip(), prefix_fractions)]
-        reward_pairs += rank_samples(prompt, texts + prefixes, data.pair_margin, data.reward_pairs_per_prompt)
+        reward_pairs += rank_samples(
+            prompt, texts + prefixes, data.pair_margin if reward_margin is None else reward_margin, data.reward_pairs_per_prompt
+        )
     all_scores = [oracle_score(text) for texts in samples for text in texts]
     stats = {"sampled_responses": len(all_scores), "sample_oracle_mean": sum(all_scores) / max(1, len(all_scores))}
     return policy_pairs, reward_pairs, stats

@@ -35,6 +35,7 @@ def _sample_pairs(
     seed: int,
     prefix_fractions: list[float],
     samples_per_prompt: int,
+    reward_margin: float | None = None,
 ) -> tuple[list, list, dict]:
     """Sample the base model, rank with the oracle (``sentiment_task.sample_pairs``)."""
     from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
@@ -43,7 +44,7 @@ def _sample_pairs(
     model = load_causal_lm(base_model_dir, config.model.trust_remote_code, torch_dtype(config.precision))
     return sentiment_task.sample_pairs(
         model, tokenizer, prompts, config.data, seed, config.model.system_prompt, samples_per_prompt, prefix_fractions,
-        phase="data_prep",
+        phase="data_prep", reward_margin=reward_margin,
     )
 
 
@@ -64,9 +65,11 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
         pairs_eval = reward_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
     else:
         pairs_train, reward_train, stats = _sample_pairs(
-            config, base_model_dir, train_prompts, config.seed, data.reward_prefix_fractions, data.samples_per_prompt
+            config, base_model_dir, train_prompts, config.seed, data.reward_prefix_fractions, data.samples_per_prompt,
+            data.reward_pair_margin,
         )
-        # Held-out pairs stay whole responses: the reward model is judged on what it will score.
+        # Held-out pairs stay whole responses at pair_margin: the reward model is judged on
+        # what it will score, by the same pairs whatever its training pairs' margin.
         pairs_eval, reward_eval, eval_stats = _sample_pairs(
             config, base_model_dir, eval_prompts, config.seed + 1, [], data.eval_samples_per_prompt or data.samples_per_prompt
         )
