@@ -114,6 +114,11 @@ def test_reward_model_trains_top_layers_and_score_head(tiny_pipeline: TinyPipeli
     assert_loss_logged(output)
     assert_only_top_layers_changed(tiny_pipeline.outputs["sft"], output)
     assert 0.0 <= metrics["pairwise_accuracy"] <= 1.0 and metrics["eval_pairs"] == 8
+    # The held-out accuracy apart by which side is longer: its pairs are among the held-out ones.
+    assert metrics["eval_pairs_chosen_longer"] + metrics["eval_pairs_chosen_shorter"] <= 8
+    for side in ("longer", "shorter"):
+        accuracy = metrics[f"pairwise_accuracy_chosen_{side}"]
+        assert (accuracy is None) == (metrics[f"eval_pairs_chosen_{side}"] == 0) and (accuracy is None or 0.0 <= accuracy <= 1.0)
     # Every training pair is learned from, grouped by prompt (each response forwarded once).
     train_rows = read_jsonl(tiny_pipeline.data / "reward_train.jsonl")
     assert metrics["train_pairs"] == len(train_rows)
@@ -220,6 +225,31 @@ def test_pairwise_accuracy_scores_each_response_once(monkeypatch: pytest.MonkeyP
     ]
     assert reward.pairwise_accuracy(None, None, pairs) == pytest.approx(2 / 3)
     assert sorted(scored) == ["bad", "fine", "good"]
+
+
+def test_accuracy_by_length_splits_the_held_out_pairs_by_which_response_is_longer() -> None:
+    """A reward model that prefers longer responses: right on every pair whose chosen side is
+    the longer, wrong on every pair whose chosen side is the shorter; pairs of equal length
+    count in neither group."""
+
+    def tokenizer(text, add_special_tokens=True):
+        return {"input_ids": text.split()}
+
+    pairs = [
+        {"prompt": "p", "chosen": "a b c", "rejected": "a"},
+        {"prompt": "p", "chosen": "a b", "rejected": "a"},
+        {"prompt": "p", "chosen": "a", "rejected": "a b c"},
+        {"prompt": "p", "chosen": "a b", "rejected": "c d"},
+    ]
+    by_length = [float(len(pair[side].split())) for pair in pairs for side in ("chosen", "rejected")]
+    split = reward.accuracy_by_length(tokenizer, pairs, by_length[::2], by_length[1::2])
+    assert split == {
+        "pairwise_accuracy_chosen_longer": 1.0,
+        "eval_pairs_chosen_longer": 2,
+        "pairwise_accuracy_chosen_shorter": 0.0,
+        "eval_pairs_chosen_shorter": 1,
+    }
+    assert reward.accuracy_by_length(tokenizer, pairs[:2], [1.0, 1.0], [0.0, 0.0])["pairwise_accuracy_chosen_shorter"] is None
 
 
 def test_kl_early_stop_keeps_the_last_policy_measured_within_the_limit() -> None:

@@ -12,7 +12,8 @@ Every sequence is laid out as PPO's rollouts are (chat prompt, response, EOS; se
 training, in PPO and in evaluation.
 Output: a HF-format sequence-classification model and ``pairwise_accuracy``: the share
 of held-out pairs where r(chosen) > r(rejected), computed here on the saved model
-rather than taken from the trainer's running average.
+rather than taken from the trainer's running average; and the same share apart for the
+pairs whose chosen response is the longer and the shorter one (``accuracy_by_length``).
 
 Run alone: ``run(config, {"sft": SFT_DIR, "data_prep": DATA_DIR}, OUT_DIR)``.
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 from pipeline_lib.config import PipelineConfig
 from pipeline_lib.generation import pair_response_scores
-from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores
+from pipeline_lib.metrics import pairwise_accuracy as accuracy_of_scores, ranked_right
 from pipeline_lib.models import load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.data.files import read_split
 from pipeline_lib.stages import Stage, training
@@ -40,6 +41,23 @@ def pair_scores(model, tokenizer, pairs: list[dict[str, str]], system_prompt: st
 def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], system_prompt: str | None = None) -> float:
     """Share of pairs the reward model ranks the right way round (ties count as wrong)."""
     return accuracy_of_scores(*pair_scores(model, tokenizer, pairs, system_prompt))
+
+
+def accuracy_by_length(tokenizer, pairs: list[dict[str, str]], chosen_scores: list[float], rejected_scores: list[float]) -> dict[str, Any]:
+    """Held-out accuracy apart for the pairs whose chosen response is the longer one and for
+    those where it is the shorter (in tokens), with each group's pair count. A reward model
+    that learned length along with content ranks the second group worse: the gap is the
+    length bias PPO can exploit. An empty group's accuracy is None."""
+    groups: dict[str, list[float]] = {"chosen_longer": [], "chosen_shorter": []}
+    for pair, right in zip(pairs, ranked_right(chosen_scores, rejected_scores)):
+        chosen, rejected = (len(tokenizer(pair[side], add_special_tokens=False)["input_ids"]) for side in ("chosen", "rejected"))
+        if chosen != rejected:
+            groups["chosen_longer" if chosen > rejected else "chosen_shorter"].append(right)
+    result: dict[str, Any] = {}
+    for name, rights in groups.items():
+        result[f"pairwise_accuracy_{name}"] = sum(rights) / len(rights) if rights else None
+        result[f"eval_pairs_{name}"] = len(rights)
+    return result
 
 
 def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[str, Any]:
@@ -77,7 +95,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     )
     train_metrics = training.train_resumable("reward", trainer, out_dir)
     # --- evaluate and save
-    accuracy = pairwise_accuracy(trainer.model, tokenizer, eval_rows, system_prompt)
+    chosen_scores, rejected_scores = pair_scores(trainer.model, tokenizer, eval_rows, system_prompt)
+    accuracy = accuracy_of_scores(chosen_scores, rejected_scores)
     history = training.write_loss_log(trainer, out_dir)
     training.save_model(
         trainer.model, tokenizer, out_dir, "reward", {"sft_model": str(sft_model_dir), "data": str(data_dir)},
@@ -87,6 +106,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         **parameter_counts,
         "train_loss": train_metrics.get("train_loss"),
         "pairwise_accuracy": accuracy,
+        **accuracy_by_length(tokenizer, eval_rows, chosen_scores, rejected_scores),
         "train_prompts": len(groups),
         "train_pairs": sum(len(group["chosen_index"]) for group in groups),
         "eval_pairs": len(eval_rows),
