@@ -48,9 +48,16 @@ def accuracy_by_length(tokenizer, pairs: list[dict[str, str]], chosen_scores: li
     those where it is the shorter (in tokens), with each group's pair count. A reward model
     that learned length along with content ranks the second group worse: the gap is the
     length bias PPO can exploit. An empty group's accuracy is None."""
+    lengths: dict[str, int] = {}  # a held-out response is in several pairs; tokenized once
+
+    def length(text: str) -> int:
+        if text not in lengths:
+            lengths[text] = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return lengths[text]
+
     groups: dict[str, list[float]] = {"chosen_longer": [], "chosen_shorter": []}
     for pair, right in zip(pairs, ranked_right(chosen_scores, rejected_scores)):
-        chosen, rejected = (len(tokenizer(pair[side], add_special_tokens=False)["input_ids"]) for side in ("chosen", "rejected"))
+        chosen, rejected = length(pair["chosen"]), length(pair["rejected"])
         if chosen != rejected:
             groups["chosen_longer" if chosen > rejected else "chosen_shorter"].append(right)
     result: dict[str, Any] = {}
