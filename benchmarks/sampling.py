@@ -122,7 +122,7 @@ def measure(cfg, base_model_dir: Path, num_prompts: int) -> dict:
     data = cfg.data
     tokenizer = load_tokenizer(base_model_dir)
     model = load_causal_lm(base_model_dir, cfg.model.trust_remote_code, torch_dtype(cfg.precision)).eval()
-    prompts, _ = sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, cfg.seed)
+    prompts, _, _ = sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, cfg.seed)
     prompt_ids = [chat_prompt_ids(tokenizer, prompt, cfg.model.system_prompt) for prompt in prompts[:num_prompts]]
     runs = {}
     for name, sample, batch_size in (

@@ -90,6 +90,13 @@ class DataSection(Section):
         description="Embedded task: samples drawn per held-out prompt, whose pairs judge the reward model (more samples, "
         "more held-out pairs, a tighter accuracy). None: samples_per_prompt.",
     )
+    extra_reward_eval_prompts: int = Field(
+        0,
+        ge=0,
+        description="Embedded task: more held-out prompts, beyond num_eval_prompts, that judge the reward model alone "
+        "(subjects no other prompt mentions), each sampled eval_samples_per_prompt times: its accuracy averages over "
+        "more subjects. The policies are still evaluated on num_eval_prompts.",
+    )
     pair_margin: float = Field(0.3, ge=0, le=2, description="Embedded task: minimum oracle-score gap between chosen and rejected.")
     pairs_per_prompt: int = Field(
         1, ge=1, le=120, description="Embedded task: DPO pairs kept per prompt, widest oracle gap first (1 = best against worst)."

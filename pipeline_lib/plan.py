@@ -332,7 +332,7 @@ def check_before_work(config: PipelineConfig, dry_run: bool = False, stages: str
     data = config.data
     if sources.is_embedded(data.source):
         sources.check_embedded_task(data.source)
-        sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, config.seed)
+        sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, config.seed, data.extra_reward_eval_prompts)
     _check_local_model(config, included)
     for source, split, kind in ((data.source, data.split, "pairs"), (data.sft_source, data.sft_split, "sft")):
         if source and sources.is_local(source):

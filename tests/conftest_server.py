@@ -199,7 +199,7 @@ def write_preference_pairs(path: Path, variant: int) -> None:
     """A jsonl file of template preference pairs; each ``variant`` is different data (new content)."""
     from pipeline_lib.data import sentiment_task
 
-    train, held_out = sentiment_task.build_prompts(32 + 4 * variant, 8, seed=variant)
+    train, held_out, _ = sentiment_task.build_prompts(32 + 4 * variant, 8, seed=variant)
     rows = sentiment_task.template_pairs(train + held_out, seed=variant)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 

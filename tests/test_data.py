@@ -15,6 +15,7 @@ from pipeline_lib.data import sentiment_task
 from pipeline_lib.data.files import read_jsonl
 from pipeline_lib.data.schemas import DataValidationError, normalize_rows
 from pipeline_lib.data.sources import load_rows, source_fingerprint, split_rows, take_percent
+from pipeline_lib.errors import ConfigError
 from pipeline_lib.stages import data_prep
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -449,6 +450,43 @@ def test_held_out_prompts_draw_their_own_number_of_samples(tiny_config, tmp_path
     assert default["samples_per_call"] == [config.data.samples_per_prompt] * 2
     held_out = read_jsonl(out_dir / "reward_eval.jsonl")
     assert len(held_out) == len(read_jsonl(out_dir / "prompts_eval.jsonl")) * len(sentiment_task.rank_samples("p", SAMPLES, 0.3, 6))
+
+
+def test_extra_reward_eval_prompts_judge_the_reward_model_alone_on_subjects_no_other_prompt_mentions(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.extra_reward_eval_prompts: more held-out prompts whose sampled pairs join the
+    reward model's held-out pairs only; every other file is as it was without them."""
+    _, plain_dir, plain_seen = _prepare_from_samples(tiny_config, tmp_path / "plain", monkeypatch, eval_samples_per_prompt=6)
+    config, out_dir, seen = _prepare_from_samples(
+        tiny_config, tmp_path / "extra", monkeypatch, eval_samples_per_prompt=6, extra_reward_eval_prompts=5
+    )
+    # the extra prompts are sampled as many times as the other held-out prompts, in a call of their own
+    assert seen["samples_per_call"] == plain_seen["samples_per_call"] + [6]
+    for name in DATA_PREP_FILES - {"reward_eval.jsonl", "data_card.json"}:
+        assert (out_dir / name).read_text() == (plain_dir / name).read_text(), name
+    plain, extended = read_jsonl(plain_dir / "reward_eval.jsonl"), read_jsonl(out_dir / "reward_eval.jsonl")
+    per_prompt = len(sentiment_task.rank_samples("p", SAMPLES, 0.3, 6))
+    assert extended[: len(plain)] == plain and len(extended) == len(plain) + 5 * per_prompt
+
+    def subjects(rows) -> set[str]:
+        return {sentiment_task.subject_of(row["prompt"]) for row in rows}
+
+    extra = subjects(extended[len(plain) :])
+    assert len(extra) == 5
+    assert not extra & (subjects(read_jsonl(out_dir / "prompts_train.jsonl")) | subjects(read_jsonl(out_dir / "prompts_eval.jsonl")))
+    assert json.loads((out_dir / "data_card.json").read_text())["counts"]["reward_eval"] == len(extended)
+
+    # template pairs (no sampling) take the extra prompts too
+    template = tiny_config.model_copy(update={"data": tiny_config.data.model_copy(update={"extra_reward_eval_prompts": 3})})
+    data_prep.run(template, {}, tmp_path / "template")
+    counts = json.loads((tmp_path / "template" / "data_card.json").read_text())["counts"]
+    assert (counts["pairs_eval"], counts["reward_eval"]) == (8, 11)
+    # too many subjects in all is refused, naming the three settings
+    train, held_out, reward_only = sentiment_task.build_prompts(32, 8, seed=3, num_reward_eval=5)
+    assert (train, held_out) == sentiment_task.build_prompts(32, 8, seed=3)[:2] and len(reward_only) == 5
+    with pytest.raises(ConfigError, match="extra_reward_eval_prompts.*asked for 32 \\+ 8 \\+ 4000"):
+        sentiment_task.build_prompts(32, 8, seed=3, num_reward_eval=4000)
 
 
 def test_word_prefixes_cut_at_word_boundaries_and_never_keep_the_whole_text() -> None:

@@ -26,9 +26,11 @@ from pipeline_lib.data.sources import check_embedded_task, is_embedded, load_row
 def describe_embedded(source: str, data: DataSection, seed: int) -> None:
     """The embedded task is generated, not read: show its prompt counts and a template pair."""
     check_embedded_task(source)
-    train_prompts, eval_prompts = sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, seed)
+    train_prompts, eval_prompts, reward_prompts = sentiment_task.build_prompts(
+        data.num_prompts, data.num_eval_prompts, seed, data.extra_reward_eval_prompts
+    )
     print(f"source: {source} (generated; held-out prompts use subjects no training prompt mentions)")
-    print(f"prompts: train {len(train_prompts)}, held out {len(eval_prompts)}")
+    print(f"prompts: train {len(train_prompts)}, held out {len(eval_prompts)}, held out for the reward model alone {len(reward_prompts)}")
     print("example template pair:")
     print(json.dumps(sentiment_task.template_pairs(train_prompts[:1], seed)[0], indent=2, ensure_ascii=False))
 

@@ -57,22 +57,29 @@ def _all_subjects(seed: int) -> list[str]:
     return subjects
 
 
-def build_prompts(num_train: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """Training and held-out prompts over disjoint subjects."""
+def build_prompts(num_train: int, num_eval: int, seed: int, num_reward_eval: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """Training prompts, held-out prompts and held-out prompts that only judge the reward
+    model (``num_reward_eval`` of them), over disjoint subjects.
+
+    The reward-only subjects come after the training ones, so adding them leaves the
+    training and held-out prompts as they were."""
     subjects = _all_subjects(seed)
-    if num_train + num_eval > len(subjects):
+    total = num_train + num_eval + num_reward_eval
+    if total > len(subjects):
         raise ConfigError(
-            f"data.num_prompts + data.num_eval_prompts: the embedded task has {len(subjects)} subjects, "
-            f"asked for {num_train} + {num_eval} = {num_train + num_eval}"
+            f"data.num_prompts + data.num_eval_prompts + data.extra_reward_eval_prompts: the embedded task has "
+            f"{len(subjects)} subjects, asked for {num_train} + {num_eval} + {num_reward_eval} = {total}"
         )
     rng = random.Random(seed + 1)
     eval_subjects = subjects[:num_eval]
     train_subjects = subjects[num_eval : num_eval + num_train]
+    reward_subjects = subjects[num_eval + num_train : total]
 
-    def prompts_for(items: list[str]) -> list[str]:
+    def prompts_for(items: list[str], rng: random.Random) -> list[str]:
         return [rng.choice(TEMPLATES).format(subject=subject) for subject in items]
 
-    return prompts_for(train_subjects), prompts_for(eval_subjects)
+    train, held_out = prompts_for(train_subjects, rng), prompts_for(eval_subjects, rng)
+    return train, held_out, prompts_for(reward_subjects, random.Random(seed + 2))
 
 
 def subject_of(prompt: str) -> str:

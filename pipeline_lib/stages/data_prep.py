@@ -58,11 +58,14 @@ def best_responses(pairs: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, Any]:
     data = config.data
-    train_prompts, eval_prompts = sentiment_task.build_prompts(data.num_prompts, data.num_eval_prompts, config.seed)
+    train_prompts, eval_prompts, reward_prompts = sentiment_task.build_prompts(
+        data.num_prompts, data.num_eval_prompts, config.seed, data.extra_reward_eval_prompts
+    )
     stats: dict[str, Any] = {}
     if data.pair_source == "template":
         pairs_train = reward_train = sentiment_task.template_pairs(train_prompts, config.seed)
-        pairs_eval = reward_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
+        pairs_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
+        reward_eval = pairs_eval + sentiment_task.template_pairs(reward_prompts, config.seed + 2)
     else:
         pairs_train, reward_train, stats = _sample_pairs(
             config, base_model_dir, train_prompts, config.seed, data.reward_prefix_fractions, data.samples_per_prompt,
@@ -70,10 +73,11 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
         )
         # Held-out pairs stay whole responses at pair_margin: the reward model is judged on
         # what it will score, by the same pairs whatever its training pairs' margin.
-        pairs_eval, reward_eval, eval_stats = _sample_pairs(
-            config, base_model_dir, eval_prompts, config.seed + 1, [], data.eval_samples_per_prompt or data.samples_per_prompt
-        )
+        eval_samples = data.eval_samples_per_prompt or data.samples_per_prompt
+        pairs_eval, reward_eval, eval_stats = _sample_pairs(config, base_model_dir, eval_prompts, config.seed + 1, [], eval_samples)
         stats["held_out_sample_oracle_mean"] = eval_stats["sample_oracle_mean"]
+        if reward_prompts:  # sampled on their own, so the policies' held-out pairs are the same with or without them
+            reward_eval = reward_eval + _sample_pairs(config, base_model_dir, reward_prompts, config.seed + 2, [], eval_samples)[1]
     if len(pairs_train) < 2 or not pairs_eval:
         raise DataValidationError(
             EMBEDDED_SENTIMENT,
