@@ -742,13 +742,41 @@ def test_evaluate_writes_figures_generations_report_and_plot(tiny_pipeline: Tiny
     assert tiny_pipeline.metrics["evaluate"]["sft/win_rate_vs_sft_ci95_low"] == 0.5
 
 
-def test_evaluate_is_seeded(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
-    """The same config gives the same figures, sampled KL and intervals included."""
+def test_evaluate_is_seeded(tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same config gives the same figures, sampled KL and intervals included. The reward
+    model's held-out accuracy comes from the reward stage's own scores of those pairs: the
+    second evaluation never scores them."""
+    from pipeline_lib.stages import evaluate
+
+    def no_second_scoring(*args, **kwargs):
+        raise AssertionError("evaluate scored the held-out pairs the reward stage had scored")
+
+    monkeypatch.setattr(evaluate, "pair_scores", no_second_scoring)
     ran = {name: tiny_pipeline.outputs[name] for name in ("data_prep", "sft", "reward", "dpo")}
     again = registry.stage("evaluate").run(tiny_pipeline.config, registry.stage_inputs("evaluate", ran, tiny_pipeline.base), tmp_path)
     first = tiny_pipeline.metrics["evaluate"]
     assert again == {metric: value for metric, value in first.items() if metric in again}
     assert {metric.split("/")[0] for metric in again if "/" in metric} == {"base", "sft", "dpo"}
+    assert again["reward_model_pairwise_accuracy"] == tiny_pipeline.metrics["reward"]["pairwise_accuracy"]
+
+
+def test_the_reward_stages_held_out_scores_are_read_only_for_the_pairs_they_score(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """Kept scores are the published model's (scoring afresh gives them again); other pairs,
+    or a reward model without kept scores (trained elsewhere), get None and are scored."""
+    from pipeline_lib.data.files import read_split
+    from pipeline_lib.models import load_sequence_classifier
+
+    reward_dir = tiny_pipeline.outputs["reward"]
+    pairs = read_split(tiny_pipeline.data, "reward_eval")
+    kept = reward.stored_pair_scores(reward_dir, pairs)
+    tokenizer = load_tokenizer(reward_dir)
+    model = load_sequence_classifier(reward_dir, tokenizer.pad_token_id).eval()
+    with torch.no_grad():
+        fresh = reward.pair_scores(model, tokenizer, pairs, tiny_pipeline.config.model.system_prompt)
+    assert kept is not None and len(kept[0]) == len(kept[1]) == len(pairs) > 1
+    assert kept[0] == pytest.approx(fresh[0], abs=1e-4) and kept[1] == pytest.approx(fresh[1], abs=1e-4)
+    assert reward.stored_pair_scores(reward_dir, pairs[1:]) is None
+    assert reward.stored_pair_scores(tmp_path, pairs) is None
 
 
 # --- failure rescue and resume -------------------------------------------------------

@@ -52,7 +52,7 @@ from pipeline_lib.metrics import (
 )
 from pipeline_lib.models import load_causal_lm, load_sequence_classifier, load_tokenizer, torch_dtype
 from pipeline_lib.stages import BASE_MODEL, Stage
-from pipeline_lib.stages.reward import pair_scores
+from pipeline_lib.stages.reward import pair_scores, stored_pair_scores
 
 logger = logging.getLogger(__name__)
 NOT_POLICIES = ("data_prep", "reward")  # the inputs evaluation reads that are not policies
@@ -124,9 +124,8 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # --- aggregate
     table = {name: policy_row(scores, per_policy["sft"], section.bootstrap_resamples, config.seed) for name, scores in per_policy.items()}
     pairs = read_split(data_dir, "reward_eval")
-    reward_accuracy, reward_accuracy_interval = pairwise_accuracy_by_prompt(
-        pairs, *pair_scores(reward_model, tokenizer, pairs, system_prompt), section.bootstrap_resamples, config.seed
-    )
+    scores = stored_pair_scores(reward_model_dir, pairs) or pair_scores(reward_model, tokenizer, pairs, system_prompt)
+    reward_accuracy, reward_accuracy_interval = pairwise_accuracy_by_prompt(pairs, *scores, section.bootstrap_resamples, config.seed)
     results = {
         "policies": table,
         "reward_model_pairwise_accuracy": reward_accuracy,
