@@ -196,9 +196,13 @@ def test_bf16_and_gradient_checkpointing_train(tiny_base_model: Path, tmp_path: 
 def test_every_stage_in_bf16_with_gradient_checkpointing(
     tiny_base_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, adapter: str
 ) -> None:
-    """PPO builds its own Accelerator and replaces Trainer.train: both settings reach it anyway."""
+    """PPO builds its own Accelerator and replaces Trainer.train: both settings reach it anyway.
+    The mixed precision PPO hands its Accelerator through the environment is put back after,
+    or float32 stages run later in the same process would train under bf16 autocast."""
     overrides = ["precision=bf16", f"adapter={adapter}", *(f"{stage}.gradient_checkpointing=true" for stage in ("dpo", "ppo", "grpo"))]
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
     run = run_stages(tiny_base_model, tmp_path, overrides, registry.stage_names(), monkeypatch)
+    assert os.environ.get("ACCELERATE_MIXED_PRECISION") == before
     assert run.metrics["ppo"]["final_kl"] is not None and run.metrics["grpo"]["final_kl"] is not None
     assert set(json.loads((run.outputs["evaluate"] / "eval.json").read_text())["policies"]) == {"base", "sft", "dpo", "ppo", "grpo"}
     assert load_causal_lm(run.outputs["ppo"]).dtype == torch.float32  # loads as asked, whatever was saved

@@ -762,7 +762,8 @@ def test_evaluate_is_seeded(tiny_pipeline: TinyPipeline, tmp_path: Path, monkeyp
 
 def test_the_reward_stages_held_out_scores_are_read_only_for_the_pairs_they_score(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
     """Kept scores are the published model's (scoring afresh gives them again); other pairs,
-    or a reward model without kept scores (trained elsewhere), get None and are scored."""
+    a reward model without kept scores (trained elsewhere), or scores from a bf16 run (whose
+    published weights are rounded) get None and are scored."""
     from pipeline_lib.data.files import read_split
     from pipeline_lib.models import load_sequence_classifier
 
@@ -776,6 +777,10 @@ def test_the_reward_stages_held_out_scores_are_read_only_for_the_pairs_they_scor
     assert kept is not None and len(kept[0]) == len(kept[1]) == len(pairs) > 1
     assert kept[0] == pytest.approx(fresh[0], abs=1e-4) and kept[1] == pytest.approx(fresh[1], abs=1e-4)
     assert reward.stored_pair_scores(reward_dir, pairs[1:]) is None
+    assert reward.stored_pair_scores(tmp_path, pairs) is None
+    record = json.loads((reward_dir / reward.HELD_OUT_SCORES).read_text())
+    assert record["precision"] == "fp32"
+    (tmp_path / reward.HELD_OUT_SCORES).write_text(json.dumps({**record, "precision": "bf16"}))
     assert reward.stored_pair_scores(tmp_path, pairs) is None
 
 

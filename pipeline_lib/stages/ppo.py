@@ -35,6 +35,7 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from pipeline_lib import adapters
 from pipeline_lib.config import PipelineConfig
@@ -101,9 +102,6 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         # TRL's PPOTrainer replaces Trainer.train, where transformers would turn it on.
         for model in (policy, value_model):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.precision != "fp32":
-        # PPOTrainer builds its own Accelerator, which takes mixed precision from here only.
-        os.environ["ACCELERATE_MIXED_PRECISION"] = config.precision
     reward_mean, reward_std = 0.0, 1.0
     if section.normalize_reward:
         # Over the training pairs' responses: samples of the prompts PPO rolls out from.
@@ -112,28 +110,34 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         reward_mean, reward_std = score_statistics(list(scores.values()))
         rescale_value_head(value_model, reward_mean, reward_std)
     # --- train
-    args = PPOConfig(
-        **training.trainer_args("ppo", config, section, out_dir),
-        total_episodes=section.total_episodes,
-        response_length=section.response_length,
-        kl_coef=section.kl_coef,
-        num_ppo_epochs=section.num_ppo_epochs,
-        num_mini_batches=section.num_mini_batches,
-        temperature=section.temperature,
-        missing_eos_penalty=section.missing_eos_penalty,
-        stop_token="eos",
-        num_sample_generations=0,
-        local_rollout_forward_batch_size=section.per_device_train_batch_size,
-    )
-    trainer = PPOTrainer(
-        args=args,
-        processing_class=tokenizer,
-        model=policy,
-        ref_model=reference,
-        reward_model=EosClosedReward(reward_model, tokenizer.eos_token_id, reward_mean, reward_std),
-        value_model=value_model,
-        train_dataset=train_dataset,
-    )
+    # PPOTrainer builds its own Accelerator, which takes mixed precision from the environment
+    # only. Set for the trainer's construction and put back after it: transformers reads the
+    # variable too, so left set it would put every later stage of this process (a test, a
+    # notebook that runs stages in turn) under bf16 autocast whatever its precision.
+    mixed_precision = {"ACCELERATE_MIXED_PRECISION": config.precision} if config.precision != "fp32" else {}
+    with mock.patch.dict(os.environ, mixed_precision):
+        args = PPOConfig(
+            **training.trainer_args("ppo", config, section, out_dir),
+            total_episodes=section.total_episodes,
+            response_length=section.response_length,
+            kl_coef=section.kl_coef,
+            num_ppo_epochs=section.num_ppo_epochs,
+            num_mini_batches=section.num_mini_batches,
+            temperature=section.temperature,
+            missing_eos_penalty=section.missing_eos_penalty,
+            stop_token="eos",
+            num_sample_generations=0,
+            local_rollout_forward_batch_size=section.per_device_train_batch_size,
+        )
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=reference,
+            reward_model=EosClosedReward(reward_model, tokenizer.eos_token_id, reward_mean, reward_std),
+            value_model=value_model,
+            train_dataset=train_dataset,
+        )
     sft_weights = None  # the diversity guard's start: SFT's trainable weights, on the CPU
     if section.min_distinct_ratio is not None:
         # SFT's figure is the policy's before any update (with LoRA, its zero adapters).

@@ -47,19 +47,24 @@ def pair_scores(model, tokenizer, pairs: list[dict[str, str]], system_prompt: st
 HELD_OUT_SCORES = "held_out_scores.json"
 
 
-def save_held_out_scores(out_dir: Path, pairs: list[dict[str, str]], chosen: list[float], rejected: list[float]) -> None:
-    record = {"pairs_fingerprint": rows_fingerprint(pairs), "chosen": chosen, "rejected": rejected}
+def save_held_out_scores(
+    out_dir: Path, pairs: list[dict[str, str]], chosen: list[float], rejected: list[float], precision: str
+) -> None:
+    record = {"pairs_fingerprint": rows_fingerprint(pairs), "precision": precision, "chosen": chosen, "rejected": rejected}
     (Path(out_dir) / HELD_OUT_SCORES).write_text(json.dumps(record))
 
 
 def stored_pair_scores(reward_dir: Path, pairs: list[dict[str, str]]) -> tuple[list[float], list[float]] | None:
-    """The reward stage's own scores of exactly these pairs, or None: none kept (a reward
-    model from elsewhere) or kept for other pairs."""
+    """The reward stage's own scores of exactly these pairs, where they are the published
+    model's: trained in float32, it is published as it scored them. None where none were
+    kept (a reward model from elsewhere), they are of other pairs, or the stage ran in
+    bf16 or fp16 (its weights are published rounded to bf16, or it scored under fp16
+    autocast): the caller scores the pairs itself."""
     path = Path(reward_dir) / HELD_OUT_SCORES
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("pairs_fingerprint") != rows_fingerprint(pairs):
+    if record.get("precision") != "fp32" or record.get("pairs_fingerprint") != rows_fingerprint(pairs):
         return None
     return record["chosen"], record["rejected"]
 
@@ -136,7 +141,7 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         start_dir=sft_model_dir, section=section, trainer=trainer,
     )
     if is_main_process():
-        save_held_out_scores(out_dir, eval_rows, chosen_scores, rejected_scores)
+        save_held_out_scores(out_dir, eval_rows, chosen_scores, rejected_scores, config.precision)
     return {
         **parameter_counts,
         "train_loss": train_metrics.get("train_loss"),
