@@ -28,24 +28,24 @@ from pipeline_lib.stages import BASE_MODEL, Stage
 logger = logging.getLogger(__name__)
 
 
-def _sample_pairs(
-    config: PipelineConfig,
-    base_model_dir: Path,
-    prompts: list[str],
-    seed: int,
-    prefix_fractions: list[float],
-    samples_per_prompt: int,
-    reward_margin: float | None = None,
-) -> tuple[list, list, dict]:
-    """Sample the base model, rank with the oracle (``sentiment_task.sample_pairs``)."""
+def _base_sampler(config: PipelineConfig, base_model_dir: Path):
+    """Sample the base model and rank with the oracle (``sentiment_task.sample_pairs``): a
+    function of (prompts, seed, prefix fractions, samples per prompt, reward margin), the
+    model loaded once for every call."""
     from pipeline_lib.models import load_causal_lm, load_tokenizer, torch_dtype
 
     tokenizer = load_tokenizer(base_model_dir)
     model = load_causal_lm(base_model_dir, config.model.trust_remote_code, torch_dtype(config.precision))
-    return sentiment_task.sample_pairs(
-        model, tokenizer, prompts, config.data, seed, config.model.system_prompt, samples_per_prompt, prefix_fractions,
-        phase="data_prep", reward_margin=reward_margin,
-    )
+
+    def sample(
+        prompts: list[str], seed: int, prefix_fractions: list[float], samples_per_prompt: int, reward_margin: float | None = None
+    ) -> tuple[list, list, dict]:
+        return sentiment_task.sample_pairs(
+            model, tokenizer, prompts, config.data, seed, config.model.system_prompt, samples_per_prompt, prefix_fractions,
+            phase="data_prep", reward_margin=reward_margin,
+        )
+
+    return sample
 
 
 def best_responses(pairs: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -67,17 +67,17 @@ def _embedded_task(config: PipelineConfig, base_model_dir: Path) -> dict[str, An
         pairs_eval = sentiment_task.template_pairs(eval_prompts, config.seed + 1)
         reward_eval = pairs_eval + sentiment_task.template_pairs(reward_prompts, config.seed + 2)
     else:
-        pairs_train, reward_train, stats = _sample_pairs(
-            config, base_model_dir, train_prompts, config.seed, data.reward_prefix_fractions, data.samples_per_prompt,
-            data.reward_pair_margin,
+        sample = _base_sampler(config, base_model_dir)
+        pairs_train, reward_train, stats = sample(
+            train_prompts, config.seed, data.reward_prefix_fractions, data.samples_per_prompt, data.reward_pair_margin
         )
         # Held-out pairs stay whole responses at pair_margin: the reward model is judged on
         # what it will score, by the same pairs whatever its training pairs' margin.
         eval_samples = data.eval_samples_per_prompt or data.samples_per_prompt
-        pairs_eval, reward_eval, eval_stats = _sample_pairs(config, base_model_dir, eval_prompts, config.seed + 1, [], eval_samples)
+        pairs_eval, reward_eval, eval_stats = sample(eval_prompts, config.seed + 1, [], eval_samples)
         stats["held_out_sample_oracle_mean"] = eval_stats["sample_oracle_mean"]
         if reward_prompts:  # sampled on their own, so the policies' held-out pairs are the same with or without them
-            reward_eval = reward_eval + _sample_pairs(config, base_model_dir, reward_prompts, config.seed + 2, [], eval_samples)[1]
+            reward_eval = reward_eval + sample(reward_prompts, config.seed + 2, [], eval_samples)[1]
     if len(pairs_train) < 2 or not pairs_eval:
         raise DataValidationError(
             EMBEDDED_SENTIMENT,
