@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from pipeline_lib.config import PipelineConfig, load_config
 from pipeline_lib.errors import ConfigError
-from pipeline_lib import registry
+from pipeline_lib import registry, tracking
 from pipeline_lib.data.files import read_jsonl, read_prompts
 from pipeline_lib.models import load_causal_lm, load_tokenizer
 from pipeline_lib.stages import reward, sft, training
@@ -328,6 +328,30 @@ def test_the_adaptive_kl_coefficient_follows_ziegler_et_al() -> None:
     controller.on_log(args, None, None, logs={"loss/value_avg": 0.1})  # a log without KL changes nothing
     expected = [0.25 * 0.98, 0.25 * 0.98 * 0.995, 0.25 * 0.98 * 0.995 * 1.02]
     assert controller.history == pytest.approx(expected) and args.kl_coef == pytest.approx(expected[-1])
+
+
+def test_every_training_stage_tracks_offline_without_a_login(
+    tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default preset's tracking (``tracking.mode: offline``) with no API key: each
+    training stage, in a process of its own as the flow runs it, trains and leaves a local
+    wandb run (``wandb sync`` sends it later) named as the course scripts named theirs.
+    PPO builds its trainer under a scoped environment variable; that scope once took
+    wandb's settings with it, and the stage then asked wandb for a login."""
+    from pipeline_lib.launch import run_stage_process
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.tracking.mode, config.output_root = "offline", str(tmp_path)
+    runs = tmp_path / "wandb" / "wandb"
+    for name in ("sft", "reward", "dpo", "ppo"):
+        inputs = registry.stage_inputs(name, tiny_pipeline.outputs, tiny_pipeline.base)
+        metrics = run_stage_process(name, config.model_dump(mode="json"), inputs, tmp_path / name)
+        run_id = metrics["tracking_run_id"]
+        assert run_id, f"{name} left no wandb run"
+        [run_dir] = runs.glob(f"offline-run-*-{run_id}")
+        # The run's name, as wandb keeps it offline (protobuf records; the name is a plain string in them).
+        assert tracking.run_name(name, config).encode() in (run_dir / f"run-{run_id}.wandb").read_bytes()
 
 
 def test_ppo_with_a_target_kl_moves_its_coefficient(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:

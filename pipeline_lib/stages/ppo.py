@@ -33,9 +33,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from pipeline_lib import adapters
 from pipeline_lib.config import PipelineConfig
@@ -113,11 +114,14 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
     # PPOTrainer builds its own Accelerator, which takes mixed precision from the environment
     # only. Set for the trainer's construction and put back after it: transformers reads the
     # variable too, so left set it would put every later stage of this process (a test, a
-    # notebook that runs stages in turn) under bf16 autocast whatever its precision.
-    mixed_precision = {"ACCELERATE_MIXED_PRECISION": config.precision} if config.precision != "fp32" else {}
-    with mock.patch.dict(os.environ, mixed_precision):
+    # notebook that runs stages in turn) under bf16 autocast whatever its precision. Only
+    # that variable is put back: the trainer's arguments set wandb's environment
+    # (tracking.configure), which its callback reads when training starts.
+    trainer_arguments = training.trainer_args("ppo", config, section, out_dir)
+    mixed_precision = config.precision if config.precision != "fp32" else None
+    with environment_variable("ACCELERATE_MIXED_PRECISION", mixed_precision):
         args = PPOConfig(
-            **training.trainer_args("ppo", config, section, out_dir),
+            **trainer_arguments,
             total_episodes=section.total_episodes,
             response_length=section.response_length,
             kl_coef=section.kl_coef,
@@ -209,6 +213,25 @@ def run(config: PipelineConfig, inputs: dict[str, Path], out_dir: Path) -> dict[
         "resumed_from_checkpoint": False,
         "tracking_run_id": training.tracking.finish(),
     }
+
+
+@contextmanager
+def environment_variable(name: str, value: str | None) -> Iterator[None]:
+    """Set one environment variable for the block (nothing when ``value`` is None), then put
+    it back as it was. Not ``mock.patch.dict(os.environ)``: that puts back the whole
+    environment, and with it undoes what the block set on purpose (wandb's settings)."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def greedy_distinct_2(model, tokenizer, prompts: list[str], config: PipelineConfig) -> float:
