@@ -378,6 +378,23 @@ def test_ppo_with_a_constant_schedule_updates_every_batch_at_the_peak_rate(tiny_
     assert rates(tmp_path / "ppo") == [config.ppo.learning_rate] * len(linear)
 
 
+def test_ppo_with_a_batch_of_warm_up_moves_nothing_before_its_second_batch(tiny_pipeline: TinyPipeline, tmp_path: Path) -> None:
+    """``warmup_steps: 1`` (the default preset's PPO): the first batch of rollouts updates at
+    rate 0 (Adam's moments gather its gradients, the weights stay), so the second batch is
+    rolled out by SFT's policy itself, 0 nats from it; the peak rate comes with the second."""
+    config = tiny_pipeline.config.model_copy(deep=True)
+    config.ppo.warmup_steps = 1
+    inputs = {name: tiny_pipeline.outputs[name] for name in ("sft", "reward")} | {"data_prep": tiny_pipeline.data}
+    registry.stage("ppo").run(config, inputs, tmp_path / "ppo")
+    batches = [entry for entry in logged(tmp_path / "ppo") if "objective/kl" in entry]
+    assert len(batches) >= 2
+    assert [batch["lr"] for batch in batches[:2]] == [0.0, config.ppo.learning_rate]
+    assert batches[1]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    # Without warm-up (the fixture's run) the first batch's updates move the policy already.
+    unwarmed = [entry for entry in logged(tiny_pipeline.outputs["ppo"]) if "objective/kl" in entry]
+    assert abs(unwarmed[1]["objective/kl"]) > 1e-3
+
+
 def test_ppo_with_tail_averaging_saves_the_mean_of_its_last_batches_policies(
     tiny_pipeline: TinyPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
